@@ -1,0 +1,120 @@
+// pybind11 module ddpm_fast._C. Functions take integers (addresses, sizes, strides, dtype codes,
+// stream handles); ddpm_fast/_native.py turns tensors into these. No libtorch is linked, so the
+// binary works with any torch version and builds without a CUDA build of torch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+#include "ops.h"
+
+namespace py = pybind11;
+using namespace ddpm_fast;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+StepArgs make_step_args(uintptr_t x, uintptr_t eps, int eps_dtype,
+                        std::array<int64_t, 4> eps_stride, uintptr_t noise, uintptr_t out,
+                        uintptr_t coef, uintptr_t step, uintptr_t key,
+                        std::array<int64_t, 4> shape, bool clip) {
+  if (eps_dtype < kFloat32 || eps_dtype > kFloat16) throw std::invalid_argument("bad eps dtype code");
+  StepArgs a;
+  a.x = ptr<const float>(x);
+  a.eps = ptr<const void>(eps);
+  a.eps_dtype = eps_dtype;
+  for (int i = 0; i < 4; ++i) a.eps_stride[i] = eps_stride[i];
+  a.noise = ptr<const float>(noise);
+  a.out = ptr<float>(out);
+  a.coef = ptr<const float>(coef);
+  a.step = ptr<const int64_t>(step);
+  a.key = ptr<const int64_t>(key);
+  a.n = shape[0]; a.c = shape[1]; a.h = shape[2]; a.w = shape[3];
+  a.clip = clip;
+  return a;
+}
+
+NoiseArgs make_noise_args(uintptr_t out, uintptr_t key, uintptr_t step, int64_t n,
+                          int64_t per_image) {
+  NoiseArgs a;
+  a.out = ptr<float>(out);
+  a.key = ptr<const int64_t>(key);
+  a.step = ptr<const int64_t>(step);
+  a.n = n;
+  a.per_image = per_image;
+  return a;
+}
+
+#ifdef DDPM_FAST_WITH_CUDA
+void check_cuda(int code, const char* what) {
+  if (code != 0) throw std::runtime_error(std::string(what) + ": " + cuda_error_string(code));
+}
+#endif
+
+py::dict build_info() {
+  py::dict d;
+#ifdef DDPM_FAST_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_runtime_version"] = cuda_runtime_version();
+  d["cuda_archs"] = std::string(DDPM_FAST_CUDA_ARCHS);
+#else
+  d["cuda"] = false;
+#endif
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["compiler"] = std::string(__VERSION__);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ddpm_fast native kernels (CPU always; CUDA when built with nvcc)";
+  m.def("build_info", &build_info, "What this binary was built with.");
+
+  m.def("ddpm_step_cpu",
+        [](uintptr_t x, uintptr_t eps, int eps_dtype, std::array<int64_t, 4> eps_stride,
+           uintptr_t noise, uintptr_t out, uintptr_t coef, uintptr_t step, uintptr_t key,
+           std::array<int64_t, 4> shape, bool clip) {
+          StepArgs a = make_step_args(x, eps, eps_dtype, eps_stride, noise, out, coef, step, key,
+                                      shape, clip);
+          py::gil_scoped_release release;
+          ddpm_step_cpu(a);
+        });
+  m.def("philox_normal_cpu",
+        [](uintptr_t out, uintptr_t key, uintptr_t step, int64_t n, int64_t per_image) {
+          NoiseArgs a = make_noise_args(out, key, step, n, per_image);
+          py::gil_scoped_release release;
+          philox_normal_cpu(a);
+        });
+  m.def("philox_raw_cpu", [](uintptr_t out, int64_t count, uint32_t c1, uint32_t c2, uint32_t c3,
+                             uint32_t k0, uint32_t k1) {
+    philox_raw_cpu(ptr<uint32_t>(out), count, c1, c2, c3, k0, k1);
+  }, "Raw Philox-4x32-10 blocks for counters (i, c1, c2, c3), i < count: out[count, 4].");
+
+#ifdef DDPM_FAST_WITH_CUDA
+  m.def("ddpm_step_cuda",
+        [](uintptr_t x, uintptr_t eps, int eps_dtype, std::array<int64_t, 4> eps_stride,
+           uintptr_t noise, uintptr_t out, uintptr_t coef, uintptr_t step, uintptr_t key,
+           std::array<int64_t, 4> shape, bool clip, uintptr_t stream) {
+          StepArgs a = make_step_args(x, eps, eps_dtype, eps_stride, noise, out, coef, step, key,
+                                      shape, clip);
+          check_cuda(ddpm_step_cuda(a, stream), "ddpm_step_cuda");
+        });
+  m.def("philox_normal_cuda", [](uintptr_t out, uintptr_t key, uintptr_t step, int64_t n,
+                                 int64_t per_image, uintptr_t stream) {
+    check_cuda(philox_normal_cuda(make_noise_args(out, key, step, n, per_image), stream),
+               "philox_normal_cuda");
+  });
+#endif
+}

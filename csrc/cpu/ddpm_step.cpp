@@ -1,0 +1,98 @@
+// CPU sampler step and Philox noise: OpenMP over images and channels, the inner loop over
+// contiguous pixels so the compiler can vectorise the update.
+#include <cstring>
+#include <vector>
+
+#include "../common.h"
+#include "../ops.h"
+
+namespace ddpm_fast {
+namespace {
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (mant << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalise
+    int e = -1;
+    do { ++e; mant <<= 1; } while ((mant & 0x400u) == 0);
+    bits = sign | ((112u - e) << 23) | ((mant & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float load_eps(const void* base, int dtype, int64_t offset) {
+  switch (dtype) {
+    case kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[offset]);
+    case kFloat16: return half_to_float(static_cast<const uint16_t*>(base)[offset]);
+    default: return static_cast<const float*>(base)[offset];
+  }
+}
+
+}  // namespace
+
+void ddpm_step_cpu(const StepArgs& a) {
+  const float* coef = a.coef + a.step[0] * kCoefCols;
+  const bool add_noise = coef[kSigma] != 0.0f;
+  const uint32_t t = static_cast<uint32_t>(coef[kT]);
+  const int64_t hw = a.h * a.w, chw = a.c * hw;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < a.n; ++n) {
+    for (int64_t ch = 0; ch < a.c; ++ch) {
+      std::vector<float> z(hw, 0.0f), e(hw);
+      const int64_t base = n * chw + ch * hw;
+      if (add_noise) {
+        if (a.noise) {
+          std::memcpy(z.data(), a.noise + base, hw * sizeof(float));
+        } else {
+          const uint64_t seed = static_cast<uint64_t>(a.key[0]);
+          const uint32_t image = static_cast<uint32_t>(a.key[1] + n);
+          for (int64_t p = 0; p < hw; ++p) z[p] = philox_normal(seed, image, t, ch * hw + p);
+        }
+      }
+      for (int64_t y = 0; y < a.h; ++y)
+        for (int64_t xx = 0; xx < a.w; ++xx)
+          e[y * a.w + xx] = load_eps(a.eps, a.eps_dtype,
+                                     n * a.eps_stride[0] + ch * a.eps_stride[1] +
+                                         y * a.eps_stride[2] + xx * a.eps_stride[3]);
+      const float* x = a.x + base;
+      float* out = a.out + base;
+      for (int64_t p = 0; p < hw; ++p) out[p] = sampler_update(x[p], e[p], z[p], coef, a.clip);
+    }
+  }
+}
+
+void philox_normal_cpu(const NoiseArgs& a) {
+  const uint64_t seed = static_cast<uint64_t>(a.key[0]);
+  const uint32_t step = static_cast<uint32_t>(a.step[0]);
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < a.n; ++n) {
+    const uint32_t image = static_cast<uint32_t>(a.key[1] + n);
+    float* out = a.out + n * a.per_image;
+    for (int64_t e = 0; e < a.per_image; ++e) out[e] = philox_normal(seed, image, step, e);
+  }
+}
+
+void philox_raw_cpu(uint32_t* out, int64_t count, uint32_t c1, uint32_t c2, uint32_t c3,
+                    uint32_t k0, uint32_t k1) {
+  for (int64_t i = 0; i < count; ++i) {
+    const Philox4 r = philox4x32_10(static_cast<uint32_t>(i), c1, c2, c3, k0, k1);
+    for (int j = 0; j < 4; ++j) out[4 * i + j] = r.v[j];
+  }
+}
+
+}  // namespace ddpm_fast

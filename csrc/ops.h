@@ -1,0 +1,44 @@
+// Entry points of the native kernels. Arguments are raw addresses and sizes so that the module
+// needs no libtorch; ddpm_fast/_native.py reads them off tensors.
+#pragma once
+#include <cstdint>
+
+namespace ddpm_fast {
+
+// Arguments of one fused sampler step over a batch of images, x/out fp32 NCHW contiguous.
+struct StepArgs {
+  const float* x;          // [N, C, H, W] current state x_t
+  const void* eps;         // [N, C, H, W] model output, dtype eps_dtype, strides eps_stride
+  int eps_dtype;           // DType code
+  int64_t eps_stride[4];   // in elements
+  const float* noise;      // [N, C, H, W] external noise, or null for in-kernel Philox
+  float* out;              // [N, C, H, W] x_{t-1}; may alias x
+  const float* coef;       // [num_steps, kCoefCols] table from schedule.py
+  const int64_t* step;     // [1] index of the row to use (device memory on CUDA)
+  const int64_t* key;      // [2] (seed, index of image 0); used when noise is null
+  int64_t n, c, h, w;
+  bool clip;
+};
+
+// Arguments of a standalone noise fill: out[n, e] = philox_normal(seed, first + n, step, e).
+struct NoiseArgs {
+  float* out;              // [N, per_image] contiguous
+  const int64_t* key;      // [2] (seed, index of image 0)
+  const int64_t* step;     // [1] Philox step word
+  int64_t n, per_image;
+};
+
+void ddpm_step_cpu(const StepArgs& a);
+void philox_normal_cpu(const NoiseArgs& a);
+void philox_raw_cpu(uint32_t* out, int64_t count, uint32_t c1, uint32_t c2, uint32_t c3,
+                    uint32_t k0, uint32_t k1);
+
+#ifdef DDPM_FAST_WITH_CUDA
+// Launch on the given stream (cudaStream_t passed as an integer); returns a CUDA error code.
+int ddpm_step_cuda(const StepArgs& a, uintptr_t stream);
+int philox_normal_cuda(const NoiseArgs& a, uintptr_t stream);
+const char* cuda_error_string(int code);
+int cuda_runtime_version();
+#endif
+
+}  // namespace ddpm_fast

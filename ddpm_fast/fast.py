@@ -1,0 +1,142 @@
+"""The fast runner: the same sampler as sampling.py, run as fast as the device allows.
+
+- Weights cast once (bf16 on GPU by default, fp32 on CPU); the sampler state x_t stays fp32.
+- Time path precomputed: the time MLP depends on t only, so its output for every step of the run
+  is one table; a step reads its row by a device-side step index.
+- The sampler update is the fused ddpm_step op with in-kernel Philox noise keyed by
+  (seed, image index): no host arithmetic, no host random numbers.
+- On CUDA one step (U-Net + update + step-index increment) is captured once per batch shape as a
+  CUDA graph and replayed for every step; nothing touches the host inside the loop.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+
+from .ops.ddpm_step import ddpm_step_out
+from .ops.philox import key_tensor, philox_normal
+from .unet import UNet2DModel
+
+
+class FastRunner:
+    def __init__(self, unet: UNet2DModel, device=None, dtype: Optional[torch.dtype] = None,
+                 channels_last: Optional[bool] = None, use_graphs: Optional[bool] = None,
+                 compile: bool = False):
+        device = torch.device(device or unet.device)
+        on_gpu = device.type == "cuda"
+        self.device = device
+        self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+        self.channels_last = on_gpu if channels_last is None else channels_last
+        self.use_graphs = on_gpu if use_graphs is None else use_graphs
+        if self.use_graphs and not on_gpu:
+            raise ValueError("CUDA graphs need a CUDA device")
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.unet = copy.deepcopy(unet).to(device=device, dtype=self.dtype, memory_format=fmt).eval()
+        self.model = torch.compile(self.unet, fullgraph=True) if compile else self.unet
+        self._graphs: dict = {}
+
+    # ------------------------------------------------------------------ tables
+    @torch.no_grad()
+    def time_table(self, timesteps: Sequence[int]) -> torch.Tensor:
+        """The time MLP output for each timestep of a run: [steps, 4·C0], in the model dtype."""
+        t = torch.tensor(list(timesteps), dtype=torch.int64, device=self.device)
+        return self.unet.time_embed(t, len(timesteps))
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, state: dict) -> None:
+        x, step = state["x"], state["step"]
+        temb = state["temb"].index_select(0, step)               # [1, 4·C0], broadcast
+        inp = x.to(self.dtype)
+        if self.channels_last:
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        eps = self.model(inp, None, temb=temb)
+        ddpm_step_out(x, x, eps, state["coef"], step, state["key"], None, state["clip"])
+        step.add_(1)
+
+    def _state(self, batch, coef, temb, key, clip) -> dict:
+        c = self.unet.config
+        return {"x": torch.zeros(batch, c.in_channels, c.sample_size, c.sample_size,
+                                 device=self.device),
+                "step": torch.zeros(1, dtype=torch.int64, device=self.device),
+                "coef": coef, "temb": temb, "key": key, "clip": clip}
+
+    def _graph_for(self, batch: int, num_steps: int, clip: bool):
+        """A captured step for this batch shape; tables and key are copied into its buffers."""
+        cache_key = (batch, num_steps, clip, self.dtype)
+        if cache_key not in self._graphs:
+            temb_ch = self.unet.config.block_out_channels[0] * 4
+            state = self._state(batch, torch.zeros(num_steps, 8, device=self.device),
+                                torch.zeros(num_steps, temb_ch, device=self.device,
+                                            dtype=self.dtype),
+                                torch.zeros(2, dtype=torch.int64, device=self.device), clip)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(2):                 # warm-up: allocator, cuDNN plans, compile
+                    self._step(state)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph), torch.no_grad():
+                    self._step(state)
+            except RuntimeError as e:
+                raise RuntimeError(f"CUDA graph capture failed for batch {batch}: {e}; "
+                                   "run with use_graphs=False for the eager path") from e
+            self._graphs[cache_key] = (graph, state)
+        return self._graphs[cache_key]
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, coef: torch.Tensor, timesteps: Sequence[int], batch: int, seed: int,
+               first_image: int = 0, clip: bool = True, x_T: Optional[torch.Tensor] = None,
+               num_train_timesteps: int = 1000, progress=None) -> torch.Tensor:
+        """Run all rows of `coef` from x_T (Philox noise at step T unless given); returns x_0."""
+        c = self.unet.config
+        shape = (batch, c.in_channels, c.sample_size, c.sample_size)
+        coef = coef.to(self.device)
+        temb = self.time_table(timesteps)
+        key = key_tensor(seed, first_image, self.device)
+        if x_T is None:
+            x_T = philox_normal(shape, seed, num_train_timesteps, first_image, self.device)
+        if self.use_graphs:
+            graph, state = self._graph_for(batch, len(timesteps), clip)
+            state["coef"].copy_(coef)
+            state["temb"].copy_(temb)
+            state["key"].copy_(key)
+            run = graph.replay
+        else:
+            state = self._state(batch, coef, temb, key, clip)
+            run = lambda: self._step(state)  # noqa: E731
+        state["x"].copy_(x_T)
+        state["step"].zero_()
+        for i in range(len(timesteps)):
+            run()
+            if progress is not None:
+                progress(1)
+        return state["x"].clone()
+
+    def benchmark_step_fn(self, coef: torch.Tensor, timesteps: Sequence[int], batch: int,
+                          clip: bool = True):
+        """A callable running one step per call (for benchmarks/sample_throughput.py)."""
+        coef = coef.to(self.device)
+        temb = self.time_table(timesteps)
+        key = key_tensor(0, 0, self.device)
+        if self.use_graphs:
+            graph, state = self._graph_for(batch, len(timesteps), clip)
+            state["coef"].copy_(coef)
+            state["temb"].copy_(temb)
+            state["key"].copy_(key)
+        else:
+            state = self._state(batch, coef, temb, key, clip)
+        state["x"].normal_()
+        n = len(timesteps)
+
+        def step(i):
+            if i % n == 0:
+                state["step"].zero_()
+            with torch.no_grad():
+                graph.replay() if self.use_graphs else self._step(state)
+
+        return step

@@ -1,0 +1,127 @@
+"""Reference samplers: DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) and DDIM.
+
+These loops are the readable definition; ddpm_fast/fast.py runs the same math with graphs and
+mixed precision. With a torch.Generator, noise is drawn like diffusers' DDPMPipeline (x_T first,
+then one draw per step after the model call, none at t = 0), so the same generator gives the same
+images. With `seed` instead, noise is Philox keyed by (seed, image index): image i is the same for
+any batch size and any split of the work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .ops.ddpm_step import ddpm_step
+from .ops.philox import key_tensor, philox_normal
+from .schedule import A, B, SIGMA, Schedule
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SampleOutput:
+    images: torch.Tensor                      # x_0 in [-1, 1] (unclamped model space), float32
+    intermediates: list = field(default_factory=list)  # (timestep, x_t, x̂_0) every k-th step
+
+
+def randn_like_diffusers(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
+    """torch.randn as diffusers' randn_tensor draws it: on the generator's device, then moved;
+    a list of generators draws one image from each."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([randn_like_diffusers((1, *shape[1:]), g, device, dtype)
+                          for g in generator]).to(device)
+    gen_device = generator.device if generator is not None else torch.device(device)
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+class NoiseSource:
+    """Where z comes from: a torch generator (diffusers-compatible) or Philox (seed, index)."""
+
+    def __init__(self, shape, device, generator=None, seed: Optional[int] = None,
+                 first_image: int = 0, num_train_timesteps: int = 1000):
+        self.shape, self.device, self.generator = tuple(shape), torch.device(device), generator
+        self.seed, self.first_image = seed, first_image
+        self.initial_step = num_train_timesteps  # Philox step word of x_T: no timestep uses it
+        self.key = key_tensor(seed, first_image, self.device) if seed is not None else \
+            torch.zeros(2, dtype=torch.int64, device=self.device)
+
+    @property
+    def philox(self) -> bool:
+        return self.seed is not None
+
+    def initial(self) -> torch.Tensor:
+        if self.philox:
+            return philox_normal(self.shape, self.seed, self.initial_step, self.first_image,
+                                 self.device)
+        return randn_like_diffusers(self.shape, self.generator, self.device)
+
+    def step_noise(self) -> Optional[torch.Tensor]:
+        """External noise for a step, or None to let the step op draw Philox noise itself."""
+        return None if self.philox else randn_like_diffusers(self.shape, self.generator, self.device)
+
+
+def predict_x0(x, eps, row, clip: bool) -> torch.Tensor:
+    x0 = (x - row[A] * eps.float()) / row[B]
+    return x0.clamp(-1, 1) if clip else x0
+
+
+@torch.no_grad()
+def sample_loop(model: Model, table: torch.Tensor, timesteps: Sequence[int], noise: NoiseSource,
+                *, clip: bool = True, x_T: Optional[torch.Tensor] = None,
+                intermediates_every: int = 0, progress=None) -> SampleOutput:
+    """Run the steps of `table` (one row per timestep) from x_T down to x_0."""
+    device = noise.device
+    table = table.to(device)
+    host_table = table.cpu()
+    x = noise.initial() if x_T is None else x_T.to(device=device, dtype=torch.float32)
+    out = SampleOutput(images=x)
+    steps = torch.arange(len(timesteps), dtype=torch.int64, device=device)
+    for i, t in enumerate(timesteps):
+        t_tensor = torch.tensor(t, dtype=torch.int64, device=device)
+        eps = model(x, t_tensor)
+        # diffusers draws the step's noise after the model call and only when it is used
+        z = noise.step_noise() if host_table[i, SIGMA] != 0 else None
+        if intermediates_every and (i % intermediates_every == 0 or i == len(timesteps) - 1):
+            out.intermediates.append((t, x.cpu(), predict_x0(x, eps, table[i], clip).cpu()))
+        x = ddpm_step(x, eps, table, steps[i:i + 1], noise.key, z, clip)
+        if progress is not None:
+            progress(1)
+    out.images = x
+    return out
+
+
+def ddpm_sample(model: Model, schedule: Schedule, shape, *, generator=None, seed=None,
+                first_image: int = 0, num_inference_steps: Optional[int] = None,
+                variance: str = "fixed_small", clip: bool = True, device="cpu",
+                x_T=None, intermediates_every: int = 0, progress=None) -> SampleOutput:
+    """DDPM ancestral sampling with σ² = β̃_t ("fixed_small") or β_t ("fixed_large")."""
+    timesteps = schedule.timesteps(num_inference_steps)
+    table = schedule.step_table(timesteps, variance, device)
+    noise = NoiseSource(shape, device, generator, seed, first_image, schedule.num_timesteps)
+    return sample_loop(model, table, timesteps, noise, clip=clip, x_T=x_T,
+                       intermediates_every=intermediates_every, progress=progress)
+
+
+def ddim_sample(model: Model, schedule: Schedule, shape, *, num_inference_steps: int = 50,
+                eta: float = 0.0, generator=None, seed=None, first_image: int = 0,
+                clip: bool = True, device="cpu", x_T=None, intermediates_every: int = 0,
+                progress=None) -> SampleOutput:
+    """DDIM (Song et al. 2021) over `num_inference_steps` of the schedule's timesteps; η = 1 is
+    DDPM-like stochastic, η = 0 deterministic."""
+    timesteps = schedule.timesteps(num_inference_steps)
+    table = schedule.ddim_table(timesteps, eta, device)
+    noise = NoiseSource(shape, device, generator, seed, first_image, schedule.num_timesteps)
+    return sample_loop(model, table, timesteps, noise, clip=clip, x_T=x_T,
+                       intermediates_every=intermediates_every, progress=progress)
+
+
+def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+             ) -> torch.Tensor:
+    """Forward process: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, t [B] integer timesteps."""
+    a = schedule.on(x0.device, "sqrt_alphas_cumprod")[t].view(-1, 1, 1, 1)
+    s = schedule.on(x0.device, "sqrt_one_minus_alphas_cumprod")[t].view(-1, 1, 1, 1)
+    return a * x0 + s * noise

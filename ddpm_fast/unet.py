@@ -1,0 +1,352 @@
+"""The DDPM U-Net (Ho et al. 2020), architecture- and weight-compatible with diffusers' UNet2DModel.
+
+Module and parameter names follow diffusers (conv_in, time_embedding.linear_1, down_blocks.0.resnets.0
+.norm1, …), so a diffusers `diffusion_pytorch_model.safetensors` loads with strict=True. Only the parts of
+UNet2DModel that DDPM models use are implemented: positional time embedding, DownBlock2D /
+AttnDownBlock2D / UpBlock2D / AttnUpBlock2D, the attention mid block, conv down/up-sampling. A config
+asking for anything else is rejected by name rather than silently ignored.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
+UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+
+
+@dataclass
+class UNetConfig:
+    """The UNet2DModel config keys that matter for DDPM models (config.json names)."""
+
+    sample_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple = (128, 256, 256, 256)
+    down_block_types: tuple = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
+    up_block_types: tuple = ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    attention_head_dim: Optional[int] = None   # None: one head over all channels (DDPM)
+    freq_shift: int = 1
+    flip_sin_to_cos: bool = False
+    downsample_padding: int = 0
+    mid_block_scale_factor: float = 1.0
+    dropout: float = 0.0
+    center_input_sample: bool = False
+    add_attention: bool = True                 # attention in the mid block
+
+    # Keys of UNet2DModel's config with the only values we implement.
+    FIXED = {
+        "time_embedding_type": "positional", "act_fn": "silu", "downsample_type": "conv",
+        "upsample_type": "conv", "resnet_time_scale_shift": "default", "class_embed_type": None,
+        "num_class_embeds": None, "time_embedding_dim": None, "mid_block_type": "UNetMidBlock2D",
+        "attn_norm_num_groups": None,
+    }
+    # Keys that do not change the network.
+    IGNORED = ("num_train_timesteps",)
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.down_block_types = tuple(self.down_block_types)
+        self.up_block_types = tuple(self.up_block_types)
+        n = len(self.block_out_channels)
+        for kind, allowed, types in (("down", DOWN_TYPES, self.down_block_types),
+                                     ("up", UP_TYPES, self.up_block_types)):
+            for t in types:
+                if t not in allowed:
+                    raise ValueError(f"unknown {kind} block type {t!r} (supported: {', '.join(allowed)})")
+            if len(types) != n:
+                raise ValueError(f"{len(types)} {kind} block types for {n} block_out_channels")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of "
+                             f"norm_num_groups={self.norm_num_groups}")
+        if self.layers_per_block < 1:
+            raise ValueError("layers_per_block must be at least 1")
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "UNetConfig":
+        """From a diffusers config.json dict; rejects settings we do not implement, by name."""
+        known = {f.name for f in fields(cls)}
+        for key, value in config.items():
+            if key in cls.FIXED:
+                if value != cls.FIXED[key]:
+                    raise ValueError(f"unsupported UNet setting {key}={value!r} "
+                                     f"(supported: {cls.FIXED[key]!r})")
+            elif key not in known and not key.startswith("_") and key not in cls.IGNORED:
+                raise ValueError(f"unknown UNet setting {key!r}")
+        if "norm_num_groups" in config and config["norm_num_groups"] is None:
+            raise ValueError("unsupported UNet setting norm_num_groups=None")
+        kwargs = {k: v for k, v in config.items() if k in known}
+        if isinstance(kwargs.get("sample_size"), (list, tuple)):
+            h, w = kwargs["sample_size"]
+            if h != w:
+                raise ValueError(f"only square sample_size is supported, got {kwargs['sample_size']}")
+            kwargs["sample_size"] = h
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return {"_class_name": "UNet2DModel", **d, **self.FIXED}
+
+
+PRESETS = {
+    # google/ddpm-cifar10-32: 35,746,307 parameters
+    "cifar10": UNetConfig(),
+    # google/ddpm-celebahq-256, ddpm-church-256, ddpm-bedroom-256, ddpm-cat-256
+    "256": UNetConfig(
+        sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512),
+        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4),
+    # tiny model for tests: attention at two resolutions
+    "tiny": UNetConfig(
+        sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float
+                       ) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] as in diffusers' get_timestep_embedding (max period 10000)."""
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    args = t[:, None].float() * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(channels, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm → SiLU → conv → + time projection → GroupNorm → SiLU → dropout → conv, + skip."""
+
+    def __init__(self, in_ch, out_ch, temb_ch, groups, eps, dropout, output_scale_factor=1.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.output_scale_factor = output_scale_factor
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Attention(nn.Module):
+    """Spatial self-attention with GroupNorm in front and the residual behind (diffusers names)."""
+
+    def __init__(self, channels, groups, eps, head_dim=None, rescale_output_factor=1.0):
+        super().__init__()
+        self.heads = 1 if head_dim is None else channels // head_dim
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
+        self.rescale_output_factor = rescale_output_factor
+
+    def forward(self, x):
+        # The op sequence (views, transposes, where the norm runs) mirrors diffusers'
+        # AttnProcessor2_0: on CPU, GroupNorm over a [B, C, L] view can round differently from
+        # GroupNorm over the 4-D tensor, and reference mode must match diffusers to the bit.
+        b, c, h, w = x.shape
+        seq = x.view(b, c, h * w).transpose(1, 2)                          # [B, L, C]
+        seq = self.group_norm(seq.transpose(1, 2)).transpose(1, 2)
+
+        def heads(t):
+            return t.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
+
+        q, k, v = heads(self.to_q(seq)), heads(self.to_k(seq)), heads(self.to_v(seq))
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = self.to_out[0](o.transpose(1, 2).reshape(b, -1, c))
+        out = o.transpose(-1, -2).reshape(b, c, h, w) + x
+        return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, channels, padding):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        if self.padding == 0:  # TF-style asymmetric padding of the original DDPM code
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, cfg: UNetConfig, in_ch, out_ch, temb_ch, attention, add_downsample):
+        super().__init__()
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, g, eps, cfg.dropout)
+            for i in range(cfg.layers_per_block)])
+        self.attentions = nn.ModuleList([
+            Attention(out_ch, g, eps, cfg.attention_head_dim)
+            for _ in range(cfg.layers_per_block)]) if attention else None
+        self.downsamplers = nn.ModuleList(
+            [Downsample2D(out_ch, cfg.downsample_padding)]) if add_downsample else None
+
+    def forward(self, x, temb):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cfg: UNetConfig, in_ch, prev_ch, out_ch, temb_ch, attention, add_upsample):
+        super().__init__()
+        g, eps, n = cfg.norm_num_groups, cfg.norm_eps, cfg.layers_per_block + 1
+        self.resnets = nn.ModuleList()
+        for i in range(n):
+            skip_ch = in_ch if i == n - 1 else out_ch
+            res_in = prev_ch if i == 0 else out_ch
+            self.resnets.append(ResnetBlock2D(res_in + skip_ch, out_ch, temb_ch, g, eps, cfg.dropout))
+        self.attentions = nn.ModuleList([
+            Attention(out_ch, g, eps, cfg.attention_head_dim) for _ in range(n)]) if attention else None
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if add_upsample else None
+
+    def forward(self, x, skips, temb):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, cfg: UNetConfig, ch, temb_ch):
+        super().__init__()
+        g, eps, s = cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_ch, g, eps, cfg.dropout, s)
+                                      for _ in range(2)])
+        self.attentions = nn.ModuleList([
+            Attention(ch, g, eps, cfg.attention_head_dim, s) if cfg.add_attention else None])
+
+    def forward(self, x, temb):
+        x = self.resnets[0](x, temb)
+        if self.attentions[0] is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x, temb)
+
+
+class UNet2DModel(nn.Module):
+    """ε-prediction U-Net: forward(x [B, C, H, W], t [B] or scalar) → ε̂ [B, C, H, W]."""
+
+    def __init__(self, config: UNetConfig | dict | str = "cifar10"):
+        super().__init__()
+        if isinstance(config, str):
+            if config not in PRESETS:
+                raise ValueError(f"unknown preset {config!r} (known: {', '.join(PRESETS)})")
+            config = PRESETS[config]
+        elif isinstance(config, dict):
+            config = UNetConfig.from_dict(config)
+        self.config = config
+        ch = config.block_out_channels
+        temb_ch = ch[0] * 4
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+
+        self.down_blocks = nn.ModuleList()
+        out_ch = ch[0]
+        for i, kind in enumerate(config.down_block_types):
+            in_ch, out_ch = out_ch, ch[i]
+            self.down_blocks.append(DownBlock(config, in_ch, out_ch, temb_ch,
+                                              kind == "AttnDownBlock2D", i < len(ch) - 1))
+        self.mid_block = MidBlock(config, ch[-1], temb_ch)
+
+        self.up_blocks = nn.ModuleList()
+        rev = list(reversed(ch))
+        out_ch = rev[0]
+        for i, kind in enumerate(config.up_block_types):
+            prev_ch, out_ch = out_ch, rev[i]
+            in_ch = rev[min(i + 1, len(ch) - 1)]
+            self.up_blocks.append(UpBlock(config, in_ch, prev_ch, out_ch, temb_ch,
+                                          kind == "AttnUpBlock2D", i < len(ch) - 1))
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+    def time_embed(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """The time MLP's output for timesteps t (a scalar or [B]); depends on t alone."""
+        if not torch.is_tensor(t):
+            t = torch.tensor([t], dtype=torch.long, device=self.device)
+        elif t.ndim == 0:
+            t = t[None].to(self.device)
+        t = t * torch.ones(batch, dtype=t.dtype, device=t.device)
+        emb = timestep_embedding(t, self.config.block_out_channels[0],
+                                 self.config.flip_sin_to_cos, self.config.freq_shift)
+        return self.time_embedding(emb.to(self.dtype))
+
+    def forward(self, x: torch.Tensor, t, temb: torch.Tensor | None = None) -> torch.Tensor:
+        if self.config.center_input_sample:
+            x = 2 * x - 1.0
+        if temb is None:
+            temb = self.time_embed(t, x.shape[0])
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb)
+            skips.extend(block_skips)
+        x = self.mid_block(x, temb)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            x = block(x, block_skips, temb)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
