@@ -6,6 +6,7 @@ Providers (each skipped with a note when it cannot run here):
              step (U-Net + sampler update) under torch.compile (CUDA graphs on GPU)
   reference  ddpm_fast reference mode (fp32, torch ops)
   fast       ddpm_fast fast mode
+  fast-compile  ddpm_fast fast mode with the U-Net compiled by torch.compile (inside our graph)
 
 Every provider runs the same weights. A "step" is one U-Net forward plus one sampler update; per-step
 latency is the median over timed steps after warm-up, and images/s for a full 1000-step sample is
@@ -210,12 +211,12 @@ def provider_compile(unet, batch, device, args):
     return step
 
 
-def provider_ours(mode):
+def provider_ours(mode, compile=False):
     def build(unet, batch, device, args):
         import ddpm_fast
 
         pipe = ddpm_fast.DDPMPipeline.from_diffusers_unet(unet, scheduler_config(), mode=mode,
-                                                          device=device)
+                                                          device=device, compile=compile)
         return pipe.benchmark_step_fn(batch)
 
     return build
@@ -226,6 +227,7 @@ PROVIDERS = {
     "compile": provider_compile,
     "reference": provider_ours("reference"),
     "fast": provider_ours("fast"),
+    "fast-compile": provider_ours("fast", compile=True),  # + inductor fusions inside our graph
 }
 
 

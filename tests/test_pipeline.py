@@ -1,0 +1,108 @@
+"""Reference mode reproduces diffusers' DDPMPipeline; fast mode agrees with reference mode."""
+import pytest
+import torch
+
+import ddpm_fast
+from conftest import diffusers_kwargs
+from ddpm_fast.unet import PRESETS
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _save(tmp_path, unet, **sched):
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**sched))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    return pipe
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_reference_equals_diffusers_1000_steps(tmp_path, tiny_diffusers_unet, variance, clip):
+    theirs = _save(tmp_path, tiny_diffusers_unet, variance_type=variance, clip_sample=clip)
+    ours = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
+    a = theirs(batch_size=2, generator=torch.manual_seed(7), output_type="np").images
+    b = ours(batch_size=2, generator=torch.manual_seed(7), output_type="np").images
+    assert abs(a - b).max() <= 1e-4
+
+
+def test_reference_equals_diffusers_cifar10_steps(tmp_path):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**diffusers_kwargs(PRESETS["cifar10"])).eval()
+    theirs = _save(tmp_path, unet, variance_type="fixed_large")
+    ours = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
+    # 3 full sampler steps (num_inference_steps=3: t = 666, 333, 0)
+    a = theirs(batch_size=1, generator=torch.manual_seed(1), num_inference_steps=3,
+               output_type="pt").images
+    b = ours(batch_size=1, generator=torch.manual_seed(1), num_inference_steps=3,
+             output_type="pt").images
+    assert (a - b).abs().max() <= 1e-4
+
+
+def test_generator_list_and_output_types(tmp_path, tiny_diffusers_unet):
+    theirs = _save(tmp_path, tiny_diffusers_unet)
+    ours = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in (3, 4)]  # noqa: E731
+    a = theirs(batch_size=2, generator=gens(), num_inference_steps=5, output_type="np").images
+    b = ours(batch_size=2, generator=gens(), num_inference_steps=5, output_type="np").images
+    assert abs(a - b).max() <= 1e-4
+    pil = ours(batch_size=1, num_inference_steps=2).images
+    assert pil[0].size == (16, 16)
+    pt = ours(batch_size=1, num_inference_steps=2, output_type="pt").images
+    assert pt.shape == (1, 3, 16, 16) and 0 <= pt.min() and pt.max() <= 1
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_fast_fp32_equals_reference_same_noise(tmp_path, tiny_diffusers_unet, variance):
+    _save(tmp_path, tiny_diffusers_unet, variance_type=variance)
+    ref = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, numerics="float64")
+    fast = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, mode="fast")
+    # both with Philox noise from the same seed: the fast path is the same computation
+    a = ref(batch_size=3, seed=11, num_inference_steps=100, output_type="pt").images
+    b = fast(batch_size=3, seed=11, num_inference_steps=100, output_type="pt").images
+    assert (a - b).abs().max() <= 1e-4
+
+
+def test_seeded_images_independent_of_batch(tmp_path, tiny_diffusers_unet):
+    _save(tmp_path, tiny_diffusers_unet)
+    for mode in ("reference", "fast"):
+        pipe = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, mode=mode)
+        big = pipe(batch_size=4, seed=5, num_inference_steps=20, output_type="pt").images
+        one = pipe(batch_size=1, seed=5, first_image=2, num_inference_steps=20,
+                   output_type="pt").images
+        assert (big[2:3] - one).abs().max() <= 1e-5
+
+
+def test_ddim_deterministic_and_close_to_ddpm_statistics(tmp_path, tiny_diffusers_unet):
+    _save(tmp_path, tiny_diffusers_unet)
+    pipe = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
+    a = pipe(batch_size=2, seed=1, sampler="ddim", num_inference_steps=10, output_type="pt").images
+    b = pipe(batch_size=2, seed=1, sampler="ddim", num_inference_steps=10, output_type="pt").images
+    assert torch.equal(a, b)
+
+
+def test_intermediates(tmp_path, tiny_diffusers_unet):
+    _save(tmp_path, tiny_diffusers_unet)
+    pipe = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
+    out = ddpm_fast.ddpm_sample(pipe.unet, pipe.schedule, (1, 3, 16, 16), seed=0,
+                                num_inference_steps=10, intermediates_every=3)
+    ts = [t for t, _, _ in out.intermediates]
+    assert ts == [900, 600, 300, 0]
+    t, xt, x0 = out.intermediates[-1]
+    assert xt.shape == x0.shape == (1, 3, 16, 16) and x0.abs().max() <= 1
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_bad_batch_size(tmp_path, tiny_diffusers_unet, bad):
+    _save(tmp_path, tiny_diffusers_unet)
+    pipe = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        pipe(batch_size=bad)
+
+
+def test_accelerate_diffusers_pipeline(tiny_diffusers_unet):
+    pipe = diffusers.DDPMPipeline(unet=tiny_diffusers_unet, scheduler=diffusers.DDPMScheduler())
+    fast = ddpm_fast.accelerate(pipe)
+    assert fast.mode == "fast"
+    out = fast(batch_size=2, num_inference_steps=3, output_type="np").images
+    assert out.shape == (2, 16, 16, 3)

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from ddpm_fast.unet import PRESETS, UNet2DModel, UNetConfig
+from conftest import diffusers_kwargs
+
+diffusers = pytest.importorskip("diffusers")
+
+CONFIGS = {
+    "tiny": PRESETS["tiny"],   # attention at two resolutions
+    "cifar10": PRESETS["cifar10"],
+    # odd settings: 3 layers per block, mid-scale, flip_sin_to_cos, padding=1, multi-head attention
+    "odd": UNetConfig(sample_size=8, block_out_channels=(32, 64), layers_per_block=3,
+                      norm_num_groups=16, down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "AttnUpBlock2D"), flip_sin_to_cos=True,
+                      freq_shift=0, downsample_padding=1, attention_head_dim=16,
+                      mid_block_scale_factor=1.4142, in_channels=1, out_channels=1),
+}
+
+
+def test_cifar10_parameter_count():
+    assert sum(p.numel() for p in UNet2DModel("cifar10").parameters()) == 35_746_307
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_forward_equals_diffusers(name):
+    cfg = CONFIGS[name]
+    torch.manual_seed(1)
+    theirs = diffusers.UNet2DModel(**diffusers_kwargs(cfg)).eval()
+    ours = UNet2DModel(cfg).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)   # same names, same shapes
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    for t in (0, 421, 999):
+        with torch.no_grad():
+            d = (ours(x, torch.tensor(t)) - theirs(x, torch.tensor(t)).sample).abs().max()
+        assert d <= 1e-5
+
+
+def test_unknown_block_type_is_named():
+    with pytest.raises(ValueError, match="CrossAttnDownBlock2D"):
+        UNetConfig(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D",
+                                     "DownBlock2D"))
+
+
+def test_unsupported_setting_is_named():
+    with pytest.raises(ValueError, match="resnet_time_scale_shift"):
+        UNetConfig.from_dict({"resnet_time_scale_shift": "scale_shift"})
+    with pytest.raises(ValueError, match="unknown UNet setting 'foo'"):
+        UNetConfig.from_dict({"foo": 1})
