@@ -70,7 +70,10 @@ def test_graph_replay_equals_eager_fp32():
     assert torch.equal(b, c)
 
 
-def test_images_independent_of_batch_size():
+def test_images_independent_of_batch_size(monkeypatch):
+    # The noise of image 5 is the same in both runs (Philox by index); the U-Net's convolutions
+    # may pick other algorithms per batch size, so allow fp32 rounding, with TF32 off.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     unet = _tiny()
     s = Schedule.linear()
     ts = s.timesteps(10)
@@ -79,6 +82,7 @@ def test_images_independent_of_batch_size():
     big = r.sample(table, ts, 7, seed=3)
     one = r.sample(table, ts, 1, seed=3, first_image=5)
     torch.testing.assert_close(big[5:6], one, atol=1e-4, rtol=0)
+
 
 
 def test_bf16_fast_matches_fp32_reference_statistics():
