@@ -146,12 +146,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_pretrained(unet: UNet2DModel, path: str | os.PathLike,
-                    scheduler_config: dict | None = None) -> Path:
-    """Write a diffusers-format pipeline folder (loadable by diffusers' DDPMPipeline too)."""
+                    scheduler_config: dict | None = None, dtype=torch.float32) -> Path:
+    """Write a diffusers-format pipeline folder (loadable by diffusers' DDPMPipeline too).
+    Weights are stored in `dtype` (fp16 halves the size) and loaded back as float32."""
     from safetensors.torch import save
 
     root = Path(path)
-    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items()}
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet.state_dict().items()}
     atomic_write_bytes(root / "unet" / "diffusion_pytorch_model.safetensors", save(sd))
     atomic_write_bytes(root / "unet" / "config.json",
                        json.dumps(unet.config.to_dict(), indent=2).encode())

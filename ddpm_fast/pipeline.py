@@ -54,7 +54,7 @@ class DDPMPipeline:
     def __init__(self, unet: UNet2DModel, scheduler_config: Optional[dict] = None, *,
                  mode: str = "reference", device=None, numerics: Optional[str] = None,
                  dtype: Optional[torch.dtype] = None, use_graphs: Optional[bool] = None,
-                 compile: bool = False):
+                 compile: Optional[bool] = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode

@@ -1,0 +1,309 @@
+"""The `ddpm-fast` command line. Bad input ends with one line on stderr and exit status 2, before
+any work is done; outputs are written atomically, so a failed run leaves nothing half-written."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = {
+    "sample": """examples:
+  ddpm-fast sample --out digits.png                      # 64 digits from the shipped model
+  ddpm-fast sample --model ./ddpm-cifar10-32 --num 16 --out grid.png --device cuda
+  ddpm-fast sample --num 1000 --batch-size 250 --out samples.npz --mode fast --seed 1
+  ddpm-fast sample --sampler ddim --steps 50 --out ddim.png""",
+    "progressive": """examples:
+  ddpm-fast progressive --out progressive.png --num 4 --every 100""",
+    "train": """examples:
+  ddpm-fast train --data digits --out runs/digits --steps 10000
+  ddpm-fast train --data images.npz --out runs/mine --steps 50000 --resume""",
+    "info": "examples:\n  ddpm-fast info",
+    "bench": "examples:\n  ddpm-fast bench --device cpu --batch 8 --steps 10",
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage dump), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"ddpm-fast: error: {message}\n")
+
+
+def default_model_path() -> Path:
+    return Path(__file__).parent / "assets" / "digits"
+
+
+def positive(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}")
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        return value
+    return parse
+
+
+def check_output(path: Path, overwrite: bool, suffixes=(".png", ".npz", "")) -> Path:
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"--out {path}: use .png (grid), .npz (arrays) or a folder name")
+    if path.exists() and not overwrite:
+        raise UsageError(f"--out {path} exists (pass --overwrite to replace it)")
+    return path
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (use cpu, cuda, cuda:1 or auto)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available")
+    return device
+
+
+def load_pipeline(args, device):
+    from .checkpoints import CheckpointError
+    from .pipeline import DDPMPipeline
+
+    path = Path(args.model) if args.model else default_model_path()
+    try:
+        return DDPMPipeline.from_pretrained(path, mode=args.mode, device=device)
+    except CheckpointError as e:
+        raise UsageError(str(e))
+
+
+def progress_bar(total: int, images: int, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+    start = time.perf_counter()
+
+    def update(n):
+        bar.update(n)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{images * bar.n / max(bar.total, 1) / max(elapsed, 1e-9):.2f} img/s",
+                            refresh=False)
+    return bar, update
+
+
+# ---------------------------------------------------------------------- subcommands
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from . import images as io
+
+    out = check_output(Path(args.out), args.overwrite)
+    device = resolve_device(args.device)
+    pipe = load_pipeline(args, device)
+    steps = args.steps or (50 if args.sampler == "ddim" else pipe.schedule.num_timesteps)
+    if steps > pipe.schedule.num_timesteps:
+        raise UsageError(f"--steps {steps} exceeds the model's {pipe.schedule.num_timesteps} "
+                         "timesteps")
+    batch = min(args.batch_size, args.num)
+    chunks, done = [], 0
+    total_steps = steps * -(-args.num // batch)
+    bar, update = progress_bar(total_steps, args.num, "sampling")
+    with bar:
+        while done < args.num:
+            n = min(batch, args.num - done)
+            x = pipe(batch_size=n, seed=args.seed, first_image=done, num_inference_steps=steps,
+                     output_type="pt", sampler=args.sampler, eta=args.eta,
+                     variance=args.variance, progress=update).images
+            chunks.append((x * 2 - 1).cpu())   # back to model space for to_uint8
+            done += n
+    u8 = io.to_uint8(__import__("torch").cat(chunks))
+    suffix = out.suffix.lower()
+    if suffix == ".png":
+        io.save_png(out, io.make_grid(u8, scale=args.scale))
+    elif suffix == ".npz":
+        io.save_npz(out, images=u8, seed=np.int64(args.seed), steps=np.int64(steps))
+    else:
+        io.save_folder(out, u8)
+    print(f"wrote {args.num} images to {out}")
+    return 0
+
+
+def cmd_progressive(args) -> int:
+    import torch
+
+    from . import images as io
+    from .sampling import ddpm_sample
+
+    out = check_output(Path(args.out), args.overwrite, (".png",))
+    device = resolve_device(args.device)
+    args.mode = "reference"
+    pipe = load_pipeline(args, device)
+    c = pipe.unet.config
+    res = ddpm_sample(pipe.unet, pipe.schedule, (args.num, c.in_channels, c.sample_size,
+                                                 c.sample_size), seed=args.seed,
+                      variance=pipe.variance, clip=pipe.clip, device=device,
+                      intermediates_every=args.every)
+    # rows: one per sample; columns: x̂0 over time, then x_t over time
+    cols = [x0 for _, _, x0 in res.intermediates] + [xt for _, xt, _ in res.intermediates]
+    grid = torch.stack(cols, dim=1).reshape(-1, c.in_channels, c.sample_size, c.sample_size)
+    io.save_png(out, io.make_grid(io.to_uint8(grid), ncols=len(cols), scale=args.scale))
+    print(f"wrote {out}: {args.num} samples × {len(res.intermediates)} times (x̂0 | x_t)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import numpy as np
+    import torch
+
+    from .checkpoints import save_pretrained
+    from .training import DIGITS_CONFIG, TrainConfig, digits_dataset, train
+    from .unet import PRESETS, UNet2DModel
+
+    out = Path(args.out)
+    if out.exists() and not (args.resume or args.overwrite):
+        raise UsageError(f"--out {out} exists (pass --resume to continue or --overwrite)")
+    if args.data == "digits":
+        config, data = DIGITS_CONFIG, digits_dataset(DIGITS_CONFIG.sample_size)
+    else:
+        path = Path(args.data)
+        if not path.is_file() or path.suffix not in (".npz", ".npy"):
+            raise UsageError(f"--data {path}: expected 'digits' or an existing .npz/.npy file")
+        arr = np.load(path)
+        arr = arr[arr.files[0]] if hasattr(arr, "files") else arr
+        if arr.ndim != 4 or arr.shape[1] != arr.shape[2]:
+            raise UsageError(f"--data {path}: expected uint8 images [N, H, W, C], got {arr.shape}")
+        data = torch.tensor(arr, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
+        config = PRESETS[args.preset] if args.preset else DIGITS_CONFIG
+        config = type(config)(**{**config.__dict__, "sample_size": arr.shape[1],
+                                 "in_channels": arr.shape[3], "out_channels": arr.shape[3]})
+    device = resolve_device(args.device)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every)
+    ema, _ = train(UNet2DModel(config), data, cfg, out_dir=out / "checkpoint",
+                   resume=args.resume, device=device)
+    save_pretrained(ema, out / "pipeline")
+    print(f"wrote the EMA model to {out / 'pipeline'} (load it with --model {out / 'pipeline'})")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__, _native
+
+    info = {"ddpm_fast": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(),
+            "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "native": _native.build_info(), "default_model": str(default_model_path())}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def cmd_bench(args, rest) -> int:
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "sample_throughput.py"
+    if not bench.is_file():
+        raise UsageError(f"benchmark script not found at {bench} (run from a source checkout)")
+    import runpy
+    sys.argv = [str(bench), *rest]
+    runpy.run_path(str(bench), run_name="__main__")
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="ddpm-fast", description="Fast DDPM sampling and training.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, help_text):
+        return sub.add_parser(name, help=help_text, epilog=EXAMPLES.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def model_args(q):
+        q.add_argument("--model", help="diffusers model folder (default: the shipped digits model)")
+        q.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+        q.add_argument("--seed", type=int, default=0, help="Philox seed: image i depends on (seed, i)")
+        q.add_argument("--out", required=True, help=".png grid, .npz arrays, or a folder of PNGs")
+        q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        q.add_argument("--scale", type=positive("--scale"), default=4, help="PNG pixel scale")
+
+    s = add("sample", "generate images")
+    model_args(s)
+    s.add_argument("--num", type=positive("--num"), default=64)
+    s.add_argument("--batch-size", type=positive("--batch-size"), default=64)
+    s.add_argument("--steps", type=positive("--steps"), default=None,
+                   help="sampling steps (default: all timesteps for ddpm, 50 for ddim)")
+    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
+    s.add_argument("--variance", choices=("fixed_small", "fixed_large"), default=None,
+                   help="σ²: β̃_t or β_t (default: the model's scheduler config)")
+    s.add_argument("--mode", choices=("fast", "reference"), default="fast")
+    s.set_defaults(func=cmd_sample)
+
+    g = add("progressive", "figure of x̂0 and x_t along sampling")
+    model_args(g)
+    g.add_argument("--num", type=positive("--num"), default=4)
+    g.add_argument("--every", type=positive("--every"), default=100)
+    g.set_defaults(func=cmd_progressive)
+
+    t = add("train", "train a model with L_simple")
+    t.add_argument("--data", default="digits", help="'digits' or an .npz/.npy of uint8 [N,H,W,C]")
+    t.add_argument("--out", required=True, help="run folder (checkpoint/ and pipeline/)")
+    t.add_argument("--steps", type=positive("--steps"), default=10000)
+    t.add_argument("--batch-size", type=positive("--batch-size"), default=64)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--checkpoint-every", type=positive("--checkpoint-every"), default=1000)
+    t.add_argument("--preset", choices=("tiny", "cifar10", "256"), default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    add("info", "versions, devices and which kernels are built").set_defaults(func=cmd_info)
+    add("bench", "run benchmarks/sample_throughput.py (arguments pass through)")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["bench"]:
+        try:
+            return cmd_bench(None, argv[1:])
+        except UsageError as e:
+            print(f"ddpm-fast: error: {e}", file=sys.stderr)
+            return 2
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:          # --help (0) or a bad flag (2, one line already printed)
+        return int(e.code or 0)
+    if getattr(args, "seed", 0) < 0:
+        print("ddpm-fast: error: --seed must be non-negative", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"ddpm-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""L_simple training (Ho et al. 2020, Algorithm 1) with AdamW, warm-up, gradient clipping and an
+EMA of the weights; checkpoints are written atomically and a run resumes exactly.
+
+Checkpoint folder layout (all files replaced atomically, the JSON last, so a crash mid-write
+leaves the previous checkpoint whole):
+    model.safetensors, ema.safetensors   weights (diffusers names)
+    optimizer.pt                          AdamW state (tensors and numbers only: weights_only load)
+    rng.pt                                torch RNG state
+    state.json                            step, config, training arguments
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import atomic_write_bytes
+from .schedule import Schedule
+from .unet import UNet2DModel, UNetConfig
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    hflip: bool = False
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 1000
+
+
+def digits_dataset(size: int = 16) -> torch.Tensor:
+    """scikit-learn's 1,797 real 8×8 handwritten digits, scaled to [-1, 1] and resized: [N,1,s,s]."""
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x.clamp(0, 1) * 2 - 1).contiguous()
+
+
+def l_simple(unet, schedule: Schedule, x0: torch.Tensor, generator=None) -> torch.Tensor:
+    """‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖², t uniform over the schedule."""
+    b = x0.shape[0]
+    t = torch.randint(0, schedule.num_timesteps, (b,), device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    a = schedule.on(x0.device, "sqrt_alphas_cumprod")[t].view(-1, 1, 1, 1)
+    s = schedule.on(x0.device, "sqrt_one_minus_alphas_cumprod")[t].view(-1, 1, 1, 1)
+    return F.mse_loss(unet(a * x0 + s * noise, t), noise)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig) -> None:
+    from safetensors.torch import save
+
+    def weights(m):
+        return save({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()})
+
+    def pt(obj):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / "model.safetensors", weights(model))
+    atomic_write_bytes(folder / "ema.safetensors", weights(ema))
+    atomic_write_bytes(folder / "optimizer.pt", pt(opt.state_dict()))
+    atomic_write_bytes(folder / "rng.pt", pt({"torch": torch.get_rng_state()}))
+    state = {"step": step, "unet_config": model.config.to_dict(), "train": asdict(cfg)}
+    atomic_write_bytes(folder / "state.json", json.dumps(state, indent=1).encode())
+
+
+def load_checkpoint(folder: Path, model, ema, opt) -> int:
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / "state.json").read_text())
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+    opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
+    return int(state["step"])
+
+
+def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
+          schedule: Optional[Schedule] = None, resume: bool = False, device="cpu",
+          log: Callable[[str], None] = print) -> tuple[UNet2DModel, list[float]]:
+    """Train on `data` ([N, C, H, W] in [-1, 1]); returns the EMA model and the loss curve."""
+    if data.ndim != 4 or data.shape[1:] != (unet.config.in_channels, unet.config.sample_size,
+                                            unet.config.sample_size):
+        raise ValueError(f"data shape {tuple(data.shape)} does not fit the model "
+                         f"({unet.config.in_channels}×{unet.config.sample_size}²)")
+    schedule = schedule or Schedule.linear()
+    torch.manual_seed(cfg.seed)
+    model = unet.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step = 0
+    folder = Path(out_dir) if out_dir else None
+    if resume and folder and (folder / "state.json").is_file():
+        step = load_checkpoint(folder, model, ema, opt)
+        log(f"resumed from {folder} at step {step}")
+    data = data.to(device)
+    losses, t0 = [], time.perf_counter()
+    while step < cfg.steps:
+        idx = torch.randint(0, data.shape[0], (cfg.batch_size,), device=device)
+        x0 = data[idx]
+        if cfg.hflip:
+            flip = torch.rand(cfg.batch_size, device=device) < 0.5
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+        loss = l_simple(model, schedule, x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, model, cfg.ema_decay)
+        step += 1
+        losses.append(loss.item())
+        if cfg.log_every and step % cfg.log_every == 0:
+            recent = losses[-cfg.log_every:]
+            log(f"step {step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
+                f"({(time.perf_counter() - t0) / step:.3f} s/step)")
+        if folder and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            save_checkpoint(folder, model, ema, opt, step, cfg)
+    return ema, losses
+
+
+DIGITS_CONFIG = UNetConfig(
+    sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+    layers_per_block=1, norm_num_groups=8,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), dropout=0.1)
+
+
+if __name__ == "__main__":  # python -m ddpm_fast.training OUT_DIR STEPS: the shipped digits model
+    import sys
+
+    out = Path(sys.argv[1])
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 20000
+    torch.set_num_threads(1)
+    cfg = TrainConfig(steps=steps, batch_size=64, lr=5e-4, warmup=500, ema_decay=0.999,
+                      seed=0, log_every=500, checkpoint_every=2000)
+    ema, _ = train(UNet2DModel(DIGITS_CONFIG), digits_dataset(8), cfg, out_dir=out, resume=True)
+    print("done", math.isfinite(_[-1]))

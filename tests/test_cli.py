@@ -1,0 +1,115 @@
+"""Each subcommand end to end on a small model (few steps), and one-line errors for bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_fast import cli
+from ddpm_fast.checkpoints import save_pretrained
+from ddpm_fast.training import DIGITS_CONFIG
+from ddpm_fast.unet import UNet2DModel
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model")
+    save_pretrained(UNet2DModel(DIGITS_CONFIG), path)
+    return path
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_sample_png_grid(tmp_path, capsys, model_dir, mode):
+    out = tmp_path / "grid.png"
+    code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 6, "--batch-size", 4,
+                       "--steps", 3, "--mode", mode, "--out", out, "--scale", 1)
+    assert code == 0, err
+    im = Image.open(out)
+    assert im.size == (3 * 10 + 2, 2 * 10 + 2)     # 3×2 grid of 8×8 images, 2 px padding
+
+
+def test_sample_npz_and_folder_same_images(tmp_path, capsys, model_dir):
+    code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 5, "--batch-size", 2,
+                       "--steps", 4, "--out", tmp_path / "s.npz")
+    assert code == 0, err
+    images = np.load(tmp_path / "s.npz")["images"]
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+    code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 5, "--batch-size", 5,
+                       "--steps", 4, "--out", tmp_path / "folder")
+    assert code == 0, err
+    files = sorted((tmp_path / "folder").iterdir())
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
+    # same seed: image i is the same whatever the batch size
+    again = np.stack([np.array(Image.open(f)) for f in files])[..., None]
+    assert np.abs(again.astype(int) - images).max() <= 1
+
+
+def test_sample_ddim(tmp_path, capsys, model_dir):
+    code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 2, "--sampler", "ddim",
+                       "--steps", 5, "--out", tmp_path / "d.png")
+    assert code == 0, err
+
+
+def test_progressive(tmp_path, capsys, model_dir):
+    code, _, err = run(capsys, "progressive", "--model", model_dir, "--num", 2, "--every", 250,
+                       "--out", tmp_path / "p.png", "--scale", 1)
+    assert code == 0, err
+    assert Image.open(tmp_path / "p.png").size[1] == 2 * 10 + 2
+
+
+def test_info(capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0 and json.loads(out)["native"]["native"] is True
+
+
+def test_train_then_sample(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--out", tmp_path / "run", "--steps", 3,
+                       "--batch-size", 4, "--checkpoint-every", 2, "--device", "cpu")
+    assert code == 0, err
+    assert (tmp_path / "run" / "pipeline" / "unet" / "config.json").is_file()
+    code, _, err = run(capsys, "sample", "--model", tmp_path / "run" / "pipeline", "--num", 1,
+                       "--steps", 2, "--out", tmp_path / "x.png")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--model", "/nonexistent", "--out", "{tmp}/a.png"], "does not exist"),
+    (["sample", "--num", "0", "--out", "{tmp}/a.png"], "--num must be a positive integer"),
+    (["sample", "--num", "-2", "--out", "{tmp}/a.png"], "--num must be a positive integer"),
+    (["sample", "--out", "{tmp}/a.jpg"], "use .png"),
+    (["sample", "--steps", "5000", "--out", "{tmp}/a.png"], "exceeds"),
+    (["sample", "--device", "cuda:0", "--out", "{tmp}/a.png"], None),
+    (["train", "--data", "{tmp}/missing.npz", "--out", "{tmp}/r"], "expected 'digits'"),
+])
+def test_bad_arguments_one_line_exit_2(tmp_path, capsys, model_dir, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--model" not in argv and argv[0] == "sample":
+        argv += ["--model", str(model_dir)]
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and (message is None or message in lines[0])
+    assert not list(tmp_path.glob("a.*"))          # nothing written
+
+
+def test_help_has_examples(capsys):
+    code, out, _ = run(capsys, "sample", "--help")
+    assert code == 0 and "examples:" in out
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys, model_dir):
+    out = tmp_path / "a.png"
+    out.write_bytes(b"keep me")
+    code, _, err = run(capsys, "sample", "--model", model_dir, "--out", out)
+    assert code == 2 and "--overwrite" in err
+    assert out.read_bytes() == b"keep me"
