@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Without a GPU, Triton kernels run in its interpreter on CPU tensors. The flag must be set before
+# any kernel module is imported (ddpm_fast imports them lazily, on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from ddpm_fast.unet import PRESETS, UNetConfig
 

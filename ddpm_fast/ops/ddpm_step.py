@@ -55,6 +55,13 @@ def _check(x, eps, coef, step, key, noise):
                      lambda: "noise must be float32 and shaped like x")
 
 
+def _run_triton(out, x, eps, coef, step, key, noise, clip):
+    from ..kernels.triton import sampler
+
+    noise = None if noise is None else noise.contiguous()
+    sampler.ddpm_step(out, x.contiguous(), eps, coef.contiguous(), step, key, noise, clip)
+
+
 def _run_native(out, x, eps, coef, step, key, noise, clip):
     x = x.contiguous()
     coef = coef.contiguous()
@@ -68,6 +75,9 @@ def _run_native(out, x, eps, coef, step, key, noise, clip):
         _native._C.ddpm_step_cpu(*args)
 
 
+KERNELS = {"native": _run_native, "triton": _run_triton}
+
+
 @torch.library.custom_op("ddpm_fast::ddpm_step_out", mutates_args=("out",))
 def ddpm_step_out(out: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
                   step: torch.Tensor, key: torch.Tensor, noise: Optional[torch.Tensor],
@@ -76,10 +86,11 @@ def ddpm_step_out(out: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, coef: t
     _check(x, eps, coef, step, key, noise)
     torch._check(out.is_contiguous() and out.shape == x.shape and out.dtype == torch.float32,
                  lambda: "out must be a contiguous float32 tensor shaped like x")
-    if backend.choose(x.device, triton_impl=False) == "native":
-        _run_native(out, x, eps, coef, step, key, noise, clip)
-    else:
+    which = backend.choose(x.device)
+    if which == "torch":
         out.copy_(ddpm_step_reference(x, eps, coef, step, key, noise, clip))
+    else:
+        KERNELS[which](out, x, eps, coef, step, key, noise, clip)
 
 
 @ddpm_step_out.register_fake
@@ -92,11 +103,12 @@ def ddpm_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torc
               key: torch.Tensor, noise: Optional[torch.Tensor], clip: bool) -> torch.Tensor:
     """x_{t-1} as a new float32 NCHW-contiguous tensor (see the module doc)."""
     _check(x, eps, coef, step, key, noise)
-    if backend.choose(x.device, triton_impl=False) == "native":
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        _run_native(out, x, eps, coef, step, key, noise, clip)
-        return out
-    return ddpm_step_reference(x, eps, coef, step, key, noise, clip).contiguous()
+    which = backend.choose(x.device)
+    if which == "torch":
+        return ddpm_step_reference(x, eps, coef, step, key, noise, clip).contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    KERNELS[which](out, x, eps, coef, step, key, noise, clip)
+    return out
 
 
 @ddpm_step.register_fake

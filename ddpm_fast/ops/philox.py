@@ -80,7 +80,12 @@ def _philox_normal_op(key: torch.Tensor, step: torch.Tensor, num_images: int, pe
                       ) -> torch.Tensor:
     device = key.device
     out = torch.empty(num_images, per_image, dtype=torch.float32, device=device)
-    which = backend.choose(device, triton_impl=False)
+    which = backend.choose(device)
+    if which == "triton" and num_images and per_image:
+        from ..kernels.triton import sampler
+
+        sampler.philox_normal(out, key, step)
+        return out
     if which == "native" and num_images and per_image:
         if device.type == "cuda":
             _native._C.philox_normal_cuda(out.data_ptr(), key.data_ptr(), step.data_ptr(),
