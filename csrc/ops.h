@@ -28,7 +28,26 @@ struct NoiseArgs {
   int64_t n, per_image;
 };
 
+// GroupNorm over x [N, C, H, W] (any strides; channels_last is one case) with fp32 statistics,
+// optionally adding add[n, c] before the norm and applying SiLU after the affine transform.
+struct GroupNormArgs {
+  const void* x;           // [N, C, H, W], dtype
+  int64_t x_stride[4];
+  void* out;               // [N, C, H, W], dtype, strides out_stride
+  int64_t out_stride[4];
+  const float* weight;     // [C] fp32
+  const float* bias;       // [C] fp32
+  const float* add;        // [N, C] fp32 or null
+  float* partials;         // CUDA only: [N * groups, chunks, 3] scratch (count, mean, m2)
+  int dtype;               // DType code of x and out
+  int64_t n, c, h, w, groups;
+  float eps;
+  bool silu;
+  bool channels_last;      // element order inside a group: pixel-major (NHWC) or channel-major
+};
+
 void ddpm_step_cpu(const StepArgs& a);
+void group_norm_cpu(const GroupNormArgs& a);
 void philox_normal_cpu(const NoiseArgs& a);
 void philox_raw_cpu(uint32_t* out, int64_t count, uint32_t c1, uint32_t c2, uint32_t c3,
                     uint32_t k0, uint32_t k1);
@@ -37,6 +56,8 @@ void philox_raw_cpu(uint32_t* out, int64_t count, uint32_t c1, uint32_t c2, uint
 // Launch on the given stream (cudaStream_t passed as an integer); returns a CUDA error code.
 int ddpm_step_cuda(const StepArgs& a, uintptr_t stream);
 int philox_normal_cuda(const NoiseArgs& a, uintptr_t stream);
+int group_norm_cuda(const GroupNormArgs& a, int64_t chunks, uintptr_t stream);
+int64_t group_norm_cuda_chunks(const GroupNormArgs& a);
 const char* cuda_error_string(int code);
 int cuda_runtime_version();
 #endif
