@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+KERNELS = ("reference", "fused")
 DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
 
@@ -128,6 +129,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
     return emb
 
 
+def norm_act(gn: nn.GroupNorm, x: torch.Tensor, silu: bool, fused: bool,
+             add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """GroupNorm(x + add) then optional SiLU: torch ops, or the fused op (ddpm_fast.ops)."""
+    if fused:
+        from .ops.group_norm import group_norm
+
+        if add is not None:
+            add = add.expand(x.shape[0], -1)
+        return group_norm(x, gn.weight, gn.bias, gn.num_groups, gn.eps, silu, add)
+    if add is not None:
+        x = x + add[:, :, None, None]
+    x = gn(x)
+    return F.silu(x) if silu else x
+
+
 class TimestepEmbedding(nn.Module):
     def __init__(self, channels: int, embed_dim: int):
         super().__init__()
@@ -151,11 +167,13 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
         self.output_scale_factor = output_scale_factor
+        self.fused = False
 
     def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(norm_act(self.norm1, x, True, self.fused))
+        # the time projection is added before norm2: the fused op takes it as `add`
+        h = norm_act(self.norm2, h, True, self.fused, add=self.time_emb_proj(F.silu(temb)))
+        h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h
@@ -174,8 +192,11 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
         self.rescale_output_factor = rescale_output_factor
+        self.fused = False
 
     def forward(self, x):
+        if self.fused:
+            return self._forward_fused(x)
         # The op sequence (views, transposes, where the norm runs) mirrors diffusers'
         # AttnProcessor2_0: on CPU, GroupNorm over a [B, C, L] view can round differently from
         # GroupNorm over the 4-D tensor, and reference mode must match diffusers to the bit.
@@ -190,6 +211,22 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v)
         o = self.to_out[0](o.transpose(1, 2).reshape(b, -1, c))
         out = o.transpose(-1, -2).reshape(b, c, h, w) + x
+        return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
+
+
+    def _forward_fused(self, x):
+        b, c, h, w = x.shape
+        seq = norm_act(self.group_norm, x, False, True).flatten(2).transpose(1, 2)   # [B, L, C]
+
+        def heads(t):
+            return t.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
+
+        q, k, v = heads(self.to_q(seq)), heads(self.to_k(seq)), heads(self.to_v(seq))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
+        # residual add folded into the output projection's GEMM (addmm with beta = 1)
+        out = torch.addmm(x.flatten(2).transpose(1, 2).reshape(-1, c), o.reshape(-1, c),
+                          self.to_out[0].weight.t()) + self.to_out[0].bias
+        out = out.view(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
         return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
 
 
@@ -314,6 +351,18 @@ class UNet2DModel(nn.Module):
                                           kind == "AttnUpBlock2D", i < len(ch) - 1))
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
+        self.kernels = "reference"
+
+    def set_kernels(self, kernels: str) -> "UNet2DModel":
+        """"reference": torch ops (bit-compatible with diffusers); "fused": ddpm_fast.ops
+        GroupNorm(+add, +SiLU) kernels. Weights and parameter names are unchanged."""
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        for m in self.modules():
+            if hasattr(m, "fused"):
+                m.fused = kernels == "fused"
+        self.kernels = kernels
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -349,4 +398,4 @@ class UNet2DModel(nn.Module):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             x = block(x, block_skips, temb)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(norm_act(self.conv_norm_out, x, True, self.kernels == "fused"))

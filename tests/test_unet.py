@@ -47,3 +47,31 @@ def test_unsupported_setting_is_named():
         UNetConfig.from_dict({"resnet_time_scale_shift": "scale_shift"})
     with pytest.raises(ValueError, match="unknown UNet setting 'foo'"):
         UNetConfig.from_dict({"foo": 1})
+
+
+@pytest.mark.parametrize("name", ["cifar10", "odd"])
+def test_fused_kernels_equal_reference(name):
+    import copy
+
+    from ddpm_fast.ops.backend import use_backend
+    from test_group_norm import BACKENDS
+
+    cfg = CONFIGS[name]
+    torch.manual_seed(2)
+    ref = UNet2DModel(cfg).eval()
+    fused = copy.deepcopy(ref).set_kernels("fused")
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        expect = ref(x, t)
+        for backend in BACKENDS:
+            if backend == "triton" and name == "cifar10":
+                continue   # the Triton interpreter is too slow for the full model
+            with use_backend(backend):
+                assert (fused(x, t) - expect).abs().max() <= 1e-4
+
+
+def test_set_kernels_rejects_unknown():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        UNet2DModel("tiny").set_kernels("cuda")
