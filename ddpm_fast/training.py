@@ -43,7 +43,10 @@ class TrainConfig:
 
 def digits_dataset(size: int = 16) -> torch.Tensor:
     """scikit-learn's 1,797 real 8×8 handwritten digits, scaled to [-1, 1] and resized: [N,1,s,s]."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ValueError("the digits data set needs scikit-learn: pip install scikit-learn") from None
 
     x = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0
     if size != 8:

@@ -113,3 +113,10 @@ def test_existing_output_needs_overwrite(tmp_path, capsys, model_dir):
     code, _, err = run(capsys, "sample", "--model", model_dir, "--out", out)
     assert code == 2 and "--overwrite" in err
     assert out.read_bytes() == b"keep me"
+
+
+def test_sample_with_shipped_default_model(tmp_path, capsys):
+    assert cli.default_model_path().joinpath("unet", "config.json").is_file()
+    code, out, err = run(capsys, "sample", "--num", 4, "--steps", 5, "--out", tmp_path / "d.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "d.png").size[0] > 0

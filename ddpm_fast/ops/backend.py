@@ -53,10 +53,14 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-def choose(device: torch.device, triton_impl: bool = True) -> str:
-    """The backend for an op on `device`; an explicit request that cannot run is an error."""
+def choose(device: torch.device, triton_impl: bool = True, cuda_prefers: str = "native") -> str:
+    """The backend for an op on `device`; an explicit request that cannot run is an error.
+    `cuda_prefers` is the op's faster GPU kernel as measured (benchmarks/kernels.py)."""
     name = requested()
     if name == "auto":
+        if device.type == "cuda" and cuda_prefers == "triton" and triton_impl and \
+                triton_available(device):
+            return "triton"
         return "native" if native_available(device) else "torch"
     if name == "native" and not native_available(device):
         raise RuntimeError(f"backend 'native' requested but ddpm_fast._C has no {device.type} "

@@ -12,10 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-_PHILOX_M0: tl.constexpr = 0xD2511F53
-_PHILOX_M1: tl.constexpr = 0xCD9E8D57
-_PHILOX_W0: tl.constexpr = 0x9E3779B9
-_PHILOX_W1: tl.constexpr = 0xBB67AE85
+# Globals read inside @triton.jit must be tl.constexpr instances (annotations are not enough)
+_PHILOX_M0 = tl.constexpr(0xD2511F53)
+_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+_PHILOX_W0 = tl.constexpr(0x9E3779B9)
+_PHILOX_W1 = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
