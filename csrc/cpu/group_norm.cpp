@@ -1,6 +1,7 @@
 // CPU GroupNorm(+add, +SiLU): one OpenMP task per (image, group). Statistics are two-pass in
 // double (mean, then the sum of squared deviations), so fp16 inputs with |x| ~ 300 are exact
 // enough and nothing overflows; the output pass fuses affine, SiLU and the dtype cast.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -71,9 +72,97 @@ inline void store(void* p, int dtype, int64_t i, float v) {
   else static_cast<uint16_t*>(p)[i] = float_to_half(v);
 }
 
+// exp for the SiLU, branch-free so `omp simd` loops vectorise (libm's expf does not):
+// e^x = 2^n · e^r with n = round(x / ln 2), |r| ≤ ln 2 / 2, e^r by a degree-6 Taylor/Horner
+// polynomial (relative error < 2e-7 on that interval).
+inline float exp_approx(float x) {
+  // ternaries and the 1.5·2^23 rounding trick, not fminf/nearbyintf: those are libm calls
+  // without SSE4.1 / -ffast-math and would stop the loop from vectorising
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// The common case, fp32 NCHW-contiguous: plain pointer loops that the compiler vectorises,
+// cloned for AVX2 (picked at load time on CPUs that have it; the default is SSE2).
+__attribute__((target_clones("avx2", "default")))
+void group_norm_nchw_f32(const GroupNormArgs& a) {
+  const int64_t cpg = a.c / a.groups, hw = a.h * a.w, count = cpg * hw;
+  const float* x = static_cast<const float*>(a.x);
+  float* out = static_cast<float*>(a.out);
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < a.n * a.groups; ++task) {
+    const int64_t n = task / a.groups, g = task % a.groups;
+    const int64_t c0 = g * cpg;
+    // two passes; per-channel float partials (vectorised), summed across channels in double
+    double sum = 0.0;
+    for (int64_t k = 0; k < cpg; ++k) {
+      const float* src = x + (n * a.c + c0 + k) * hw;
+      const float shift = a.add ? a.add[n * a.c + c0 + k] : 0.0f;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t p = 0; p < hw; ++p) s += src[p];
+      sum += static_cast<double>(s) + static_cast<double>(shift) * hw;
+    }
+    const float mean = static_cast<float>(sum / count);
+    double m2 = 0.0;
+    for (int64_t k = 0; k < cpg; ++k) {
+      const float* src = x + (n * a.c + c0 + k) * hw;
+      const float centre = mean - (a.add ? a.add[n * a.c + c0 + k] : 0.0f);
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t p = 0; p < hw; ++p) {
+        const float d = src[p] - centre;
+        s += d * d;
+      }
+      m2 += s;
+    }
+    const float rstd = static_cast<float>(1.0 / std::sqrt(m2 / count + a.eps));
+    for (int64_t k = 0; k < cpg; ++k) {
+      const int64_t ch = c0 + k;
+      const float* src = x + (n * a.c + ch) * hw;
+      float* dst = out + (n * a.c + ch) * hw;
+      const float centre = mean - (a.add ? a.add[n * a.c + ch] : 0.0f);
+      const float scale = a.weight[ch] * rstd, offset = a.bias[ch] - centre * scale;
+      if (a.silu) {
+        // two loops: GCC's vector code for the fused loop ran 2.7x slower (measured)
+#pragma omp simd
+        for (int64_t p = 0; p < hw; ++p) dst[p] = 1.0f + exp_approx(-(src[p] * scale + offset));
+#pragma omp simd
+        for (int64_t p = 0; p < hw; ++p) dst[p] = (src[p] * scale + offset) / dst[p];
+      } else {
+#pragma omp simd
+        for (int64_t p = 0; p < hw; ++p) dst[p] = src[p] * scale + offset;
+      }
+    }
+  }
+}
+
+bool is_nchw_contiguous(const int64_t* stride, const GroupNormArgs& a) {
+  return stride[3] == 1 && stride[2] == a.w && stride[1] == a.h * a.w &&
+         stride[0] == a.c * a.h * a.w;
+}
+
 }  // namespace
 
 void group_norm_cpu(const GroupNormArgs& a) {
+  if (a.dtype == kFloat32 && is_nchw_contiguous(a.x_stride, a) &&
+      is_nchw_contiguous(a.out_stride, a)) {
+    group_norm_nchw_f32(a);
+    return;
+  }
   const int64_t cpg = a.c / a.groups, hw = a.h * a.w, count = cpg * hw;
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < a.n * a.groups; ++task) {
@@ -107,7 +196,7 @@ void group_norm_cpu(const GroupNormArgs& a) {
       for (int64_t y = 0; y < a.h; ++y)
         for (int64_t x = 0; x < a.w; ++x) {
           float r = src[y * a.w + x] * scale + offset;
-          if (a.silu) r = r / (1.0f + std::exp(-r));
+          if (a.silu) r = r / (1.0f + exp_approx(-r));
           store(a.out, a.dtype, base + y * a.out_stride[2] + x * a.out_stride[3], r);
         }
     }

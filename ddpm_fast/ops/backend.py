@@ -53,11 +53,15 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-def choose(device: torch.device, triton_impl: bool = True, cuda_prefers: str = "native") -> str:
+def choose(device: torch.device, triton_impl: bool = True, cuda_prefers: str = "native",
+           cpu_prefers: str = "native") -> str:
     """The backend for an op on `device`; an explicit request that cannot run is an error.
-    `cuda_prefers` is the op's faster GPU kernel as measured (benchmarks/kernels.py)."""
+    `cuda_prefers` / `cpu_prefers` name the op's faster implementation as measured
+    (benchmarks/kernels.py)."""
     name = requested()
     if name == "auto":
+        if device.type == "cpu" and cpu_prefers == "torch":
+            return "torch"
         if device.type == "cuda" and cuda_prefers == "triton" and triton_impl and \
                 triton_available(device):
             return "triton"
