@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -153,13 +152,25 @@ DIGITS_CONFIG = UNetConfig(
     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), dropout=0.1)
 
 
-if __name__ == "__main__":  # python -m ddpm_fast.training OUT_DIR STEPS: the shipped digits model
+def main(argv=None) -> None:
+    """python -m ddpm_fast.training OUT_DIR [STEPS]: train the shipped digits model and write its
+    EMA weights (fp16) as a pipeline folder at OUT_DIR/pipeline."""
     import sys
 
-    out = Path(sys.argv[1])
-    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 20000
+    from .checkpoints import save_pretrained
+
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0])
+    steps = int(argv[1]) if len(argv) > 1 else 10000
     torch.set_num_threads(1)
     cfg = TrainConfig(steps=steps, batch_size=64, lr=5e-4, warmup=500, ema_decay=0.999,
                       seed=0, log_every=500, checkpoint_every=2000)
-    ema, _ = train(UNet2DModel(DIGITS_CONFIG), digits_dataset(8), cfg, out_dir=out, resume=True)
-    print("done", math.isfinite(_[-1]))
+    ema, losses = train(UNet2DModel(DIGITS_CONFIG), digits_dataset(DIGITS_CONFIG.sample_size), cfg,
+                        out_dir=out / "checkpoint", resume=True)
+    ema.config.dropout = 0.0   # inference config (dropout is inactive in eval mode anyway)
+    save_pretrained(ema, out / "pipeline", dtype=torch.float16)
+    print(f"final loss {losses[-1]:.4f}; wrote {out / 'pipeline'}" if losses else "nothing to do")
+
+
+if __name__ == "__main__":
+    main()
