@@ -1,18 +1,19 @@
 """L_simple training (Ho et al. 2020, Algorithm 1) with AdamW, warm-up, gradient clipping and an
 EMA of the weights; checkpoints are written atomically and a run resumes exactly.
 
-Checkpoint folder layout (all files replaced atomically, the JSON last, so a crash mid-write
-leaves the previous checkpoint whole):
-    model.safetensors, ema.safetensors   weights (diffusers names)
-    optimizer.pt                          AdamW state (tensors and numbers only: weights_only load)
-    rng.pt                                torch RNG state
-    state.json                            step, config, training arguments
+Checkpoint folder layout: each checkpoint is a complete folder step-NNNNNNNN/ written under a
+temporary name and renamed into place; the file `latest` (replaced atomically, last) names the
+current one. A crash at any moment leaves `latest` pointing at a whole, consistent checkpoint.
+    step-NNNNNNNN/model.safetensors, ema.safetensors   weights (diffusers names)
+    step-NNNNNNNN/optimizer.pt                         AdamW state (loaded with weights_only)
+    step-NNNNNNNN/rng.pt                               torch RNG state
+    step-NNNNNNNN/state.json                           step, config, training arguments
 """
 from __future__ import annotations
 
 import copy
-import io
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,34 +70,49 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1 - decay)
 
 
-def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig) -> None:
-    from safetensors.torch import save
+def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig) -> Path:
+    import shutil
+    import tempfile
 
-    def weights(m):
-        return save({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()})
-
-    def pt(obj):
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        return buf.getvalue()
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / "model.safetensors", weights(model))
-    atomic_write_bytes(folder / "ema.safetensors", weights(ema))
-    atomic_write_bytes(folder / "optimizer.pt", pt(opt.state_dict()))
-    atomic_write_bytes(folder / "rng.pt", pt({"torch": torch.get_rng_state()}))
-    state = {"step": step, "unet_config": model.config.to_dict(), "train": asdict(cfg)}
-    atomic_write_bytes(folder / "state.json", json.dumps(state, indent=1).encode())
+    name = f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}."))
+    try:
+        for label, m in (("model", model), ("ema", ema)):
+            save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
+                      str(tmp / f"{label}.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        state = {"step": step, "unet_config": model.config.to_dict(), "train": asdict(cfg)}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if (folder / name).exists():
+            shutil.rmtree(folder / name)
+        os.replace(tmp, folder / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_bytes(folder / "latest", name.encode())
+    for old in folder.glob("step-*"):          # keep only the checkpoint `latest` names
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder / name
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (folder / "latest").is_file()
 
 
 def load_checkpoint(folder: Path, model, ema, opt) -> int:
     from safetensors.torch import load_file
 
-    state = json.loads((folder / "state.json").read_text())
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
-    opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
+    ckpt = folder / (folder / "latest").read_text().strip()
+    state = json.loads((ckpt / "state.json").read_text())
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
     return int(state["step"])
 
 
@@ -115,7 +131,7 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step = 0
     folder = Path(out_dir) if out_dir else None
-    if resume and folder and (folder / "state.json").is_file():
+    if resume and folder and has_checkpoint(folder):
         step = load_checkpoint(folder, model, ema, opt)
         log(f"resumed from {folder} at step {step}")
     data = data.to(device)

@@ -1,0 +1,80 @@
+"""Training: the loss falls on the digits, EMA is the exponential average, resume is exact, and a
+checkpoint write that dies half-way leaves the previous checkpoint loadable."""
+import pytest
+import torch
+
+from ddpm_fast.training import (DIGITS_CONFIG, TrainConfig, digits_dataset, ema_update,
+                                save_checkpoint, train)
+from ddpm_fast.unet import UNet2DModel, UNetConfig
+
+pytest.importorskip("sklearn")
+
+SMALL = UNetConfig(**{**DIGITS_CONFIG.__dict__, "block_out_channels": (16, 32, 32),
+                      "norm_num_groups": 8, "dropout": 0.1})
+
+
+def _quiet(*_):
+    pass
+
+
+def _model():
+    torch.manual_seed(123)          # the same initial weights for every run of a test
+    return UNet2DModel(SMALL)
+
+
+def test_loss_decreases_on_digits():
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=150, batch_size=32, lr=1e-3, warmup=10, log_every=0,
+                      checkpoint_every=10**9)
+    _, losses = train(UNet2DModel(SMALL), digits_dataset(8), cfg, log=_quiet)
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.6 * first, (first, last)
+
+
+def test_ema_update_is_exponential_average():
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, model, 0.9)
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach())
+
+
+def test_resume_is_exact(tmp_path):
+    data = digits_dataset(8)[:256]
+    cfg = dict(batch_size=8, lr=1e-3, warmup=2, log_every=0, checkpoint_every=3, seed=5)
+    _, full = train(_model(), data, TrainConfig(steps=6, **cfg), log=_quiet)
+    train(_model(), data, TrainConfig(steps=3, **cfg), out_dir=tmp_path, log=_quiet)
+    ema, rest = train(_model(), data, TrainConfig(steps=6, **cfg), out_dir=tmp_path,
+                      resume=True, log=_quiet)
+    assert rest == full[3:]          # the same loss curve, bit for bit
+
+
+def test_crash_mid_checkpoint_keeps_last_good(tmp_path, monkeypatch):
+    data = digits_dataset(8)[:64]
+
+    def cfg(steps):
+        return TrainConfig(steps=steps, batch_size=4, log_every=0, checkpoint_every=2)
+
+    train(_model(), data, cfg(2), out_dir=tmp_path, log=_quiet)
+    assert (tmp_path / "latest").read_text() == "step-00000002"
+
+    import ddpm_fast.training as training
+
+    def dying_save(obj, f, *a, **k):   # the optimizer-state write dies half-way
+        open(f, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training.torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(_model(), data, cfg(4), out_dir=tmp_path, resume=True, log=_quiet)
+    monkeypatch.undo()
+    # `latest` still names the whole step-2 checkpoint; the half-written one is gone
+    assert (tmp_path / "latest").read_text() == "step-00000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002"]
+    _, losses = train(_model(), data, cfg(3), out_dir=tmp_path, resume=True, log=_quiet)
+    assert len(losses) == 1          # resumed at step 2, ran step 3
+
+
+def test_bad_data_shape():
+    with pytest.raises(ValueError, match="does not fit the model"):
+        train(UNet2DModel(SMALL), torch.zeros(4, 3, 8, 8), TrainConfig(steps=1), log=_quiet)
