@@ -20,6 +20,7 @@ EXAMPLES = {
   ddpm-fast train --data digits --out runs/digits --steps 10000
   ddpm-fast train --data images.npz --out runs/mine --steps 50000 --resume""",
     "info": "examples:\n  ddpm-fast info",
+    "eval": "examples:\n  ddpm-fast eval --terms 1000            # the exact bound, as in the DDPM paper",
     "bench": "examples:\n  ddpm-fast bench --device cpu --batch 8 --steps 10",
 }
 
@@ -194,6 +195,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import torch
+
+    from .training import bits_per_dim, digits_dataset
+
+    device = resolve_device(args.device)
+    args.mode = "reference"
+    pipe = load_pipeline(args, device)
+    c = pipe.unet.config
+    if (c.in_channels, c.sample_size) != (1, 8):
+        raise UsageError("eval scores digit models (1×8×8); this model is "
+                         f"{c.in_channels}×{c.sample_size}×{c.sample_size}")
+    data = digits_dataset(8)[-args.num:]
+    data = ((data + 1) * 127.5).round() / 127.5 - 1
+    bpd = bits_per_dim(pipe.unet, pipe.schedule, data.to(device), variance=pipe.variance,
+                       num_terms=args.terms, generator=torch.Generator(device).manual_seed(args.seed))
+    result = {k: float(v.mean()) for k, v in bpd.items() if k != "dims"}
+    from .images import to_uint8
+    from .quality import real_scores, score
+
+    x = pipe(batch_size=args.samples, seed=args.seed, num_inference_steps=args.steps,
+             output_type="pt").images
+    result["quality"] = score(to_uint8(x * 2 - 1)).as_dict()
+    result["quality_real_digits"] = real_scores().as_dict()
+    print(json.dumps({"bits_per_dim": result}, indent=1))
+    return 0
+
+
 def cmd_info(args) -> int:
     import platform
 
@@ -276,6 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    e = add("eval", "bits/dim (variational bound) on real digits and sample-quality scores")
+    e.add_argument("--model", help="digit model folder (default: the shipped model)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--num", type=positive("--num"), default=256, help="real digits to score")
+    e.add_argument("--terms", type=positive("--terms"), default=100,
+                   help="KL terms evaluated (1000 = exact bound; fewer = an estimate)")
+    e.add_argument("--samples", type=positive("--samples"), default=256)
+    e.add_argument("--steps", type=positive("--steps"), default=1000)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_eval)
 
     add("info", "versions, devices and which kernels are built").set_defaults(func=cmd_info)
     add("bench", "run benchmarks/sample_throughput.py (arguments pass through)")

@@ -120,3 +120,10 @@ def test_sample_with_shipped_default_model(tmp_path, capsys):
     code, out, err = run(capsys, "sample", "--num", 4, "--steps", 5, "--out", tmp_path / "d.png")
     assert code == 0, err
     assert Image.open(tmp_path / "d.png").size[0] > 0
+
+
+def test_eval(capsys):
+    code, out, err = run(capsys, "eval", "--num", 16, "--terms", 8, "--samples", 32, "--steps", 20)
+    assert code == 0, err
+    result = json.loads(out)["bits_per_dim"]
+    assert result["total"] > 0 and 0 <= result["quality"]["confident"] <= 1
