@@ -16,6 +16,10 @@ EXAMPLES = {
   ddpm-fast sample --sampler ddim --steps 50 --out ddim.png""",
     "progressive": """examples:
   ddpm-fast progressive --out progressive.png --num 4 --every 100""",
+    "from-t": """examples:
+  ddpm-fast from-t --out from_t.png --t 250 500 750 999""",
+    "interpolate": """examples:
+  ddpm-fast interpolate --out interp.png --t 500 --steps 9""",
     "train": """examples:
   ddpm-fast train --data digits --out runs/digits --steps 10000
   ddpm-fast train --data images.npz --out runs/mine --steps 50000 --resume""",
@@ -160,6 +164,88 @@ def cmd_progressive(args) -> int:
     return 0
 
 
+def real_images(args, pipe, count: int):
+    """`count` real images in model space: the digits, or the first of an .npz/.npy of uint8."""
+    import numpy as np
+    import torch
+
+    c = pipe.unet.config
+    if args.images == "digits":
+        from .training import digits_dataset
+
+        data = digits_dataset(c.sample_size)[-count:]
+    else:
+        path = Path(args.images)
+        if not path.is_file():
+            raise UsageError(f"--images {path} does not exist")
+        arr = np.load(path)
+        arr = arr[arr.files[0]] if hasattr(arr, "files") else arr
+        data = torch.tensor(arr[:count], dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
+    if data.shape[1:] != (c.in_channels, c.sample_size, c.sample_size):
+        raise UsageError(f"images are {tuple(data.shape[1:])}, the model needs "
+                         f"{(c.in_channels, c.sample_size, c.sample_size)}")
+    if data.shape[0] < count:
+        raise UsageError(f"need {count} images, found {data.shape[0]}")
+    return data.to(pipe.device)
+
+
+def cmd_from_t(args) -> int:
+    import torch
+
+    from . import images as io
+    from .sampling import denoise_from, q_sample
+
+    out = check_output(Path(args.out), args.overwrite, (".png",))
+    device = resolve_device(args.device)
+    args.mode = "reference"
+    pipe = load_pipeline(args, device)
+    x0 = real_images(args, pipe, args.num)
+    ts = [t for t in args.t if 0 <= t < pipe.schedule.num_timesteps]
+    if len(ts) != len(args.t):
+        raise UsageError(f"--t values must lie in [0, {pipe.schedule.num_timesteps})")
+    cols = [x0]
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    for t in ts:
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        x_t = q_sample(pipe.schedule, x0, torch.full((x0.shape[0],), t, device=device), noise)
+        cols.append(denoise_from(pipe.unet, pipe.schedule, x_t, t, seed=args.seed,
+                                 variance=pipe.variance, clip=pipe.clip))
+    grid = torch.stack(cols, dim=1).flatten(0, 1)
+    io.save_png(out, io.make_grid(io.to_uint8(grid), ncols=len(cols), scale=args.scale))
+    print(f"wrote {out}: rows are images; columns: the original, then denoised from t = {ts}")
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    import torch
+
+    from . import images as io
+    from .sampling import denoise_from, q_sample, slerp
+
+    out = check_output(Path(args.out), args.overwrite, (".png",))
+    device = resolve_device(args.device)
+    args.mode = "reference"
+    pipe = load_pipeline(args, device)
+    if not 0 <= args.t < pipe.schedule.num_timesteps:
+        raise UsageError(f"--t must lie in [0, {pipe.schedule.num_timesteps})")
+    pair = real_images(args, pipe, 2)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    noise = torch.randn(pair.shape, generator=g, device=device)
+    x_t = q_sample(pipe.schedule, pair, torch.full((2,), args.t, device=device), noise)
+    lams = [i / (args.steps - 1) for i in range(args.steps)]
+    rows = []
+    for interp in (lambda a, b, lam: (1 - lam) * a + lam * b, slerp):   # linear, spherical
+        lat = torch.cat([interp(x_t[:1], x_t[1:], lam) for lam in lams])
+        # the same reverse-process noise for every λ (image index 0), as in the DDPM paper
+        rows.append(torch.cat([denoise_from(pipe.unet, pipe.schedule, lat[i:i + 1], args.t,
+                                            seed=args.seed, variance=pipe.variance,
+                                            clip=pipe.clip) for i in range(len(lams))]))
+    grid = torch.cat([torch.cat([pair[:1], r, pair[1:]]) for r in rows])
+    io.save_png(out, io.make_grid(io.to_uint8(grid), ncols=len(lams) + 2, scale=args.scale))
+    print(f"wrote {out}: linear (top) and spherical (bottom) interpolation at t = {args.t}")
+    return 0
+
+
 def cmd_train(args) -> int:
     import numpy as np
     import torch
@@ -290,6 +376,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num", type=positive("--num"), default=4)
     g.add_argument("--every", type=positive("--every"), default=100)
     g.set_defaults(func=cmd_progressive)
+
+    f = add("from-t", "encode real images to x_t and denoise back, for several t")
+    model_args(f)
+    f.add_argument("--images", default="digits", help="'digits' or an .npz/.npy of uint8 [N,H,W,C]")
+    f.add_argument("--num", type=positive("--num"), default=4)
+    f.add_argument("--t", type=int, nargs="+", default=[250, 500, 750, 999])
+    f.set_defaults(func=cmd_from_t)
+
+    i = add("interpolate", "interpolate two real images in x_t and denoise")
+    model_args(i)
+    i.add_argument("--images", default="digits", help="'digits' or an .npz/.npy of uint8 [N,H,W,C]")
+    i.add_argument("--t", type=int, default=500, help="timestep of the interpolation")
+    i.add_argument("--steps", type=positive("--steps"), default=7, help="λ values from 0 to 1")
+    i.set_defaults(func=cmd_interpolate)
 
     t = add("train", "train a model with L_simple")
     t.add_argument("--data", default="digits", help="'digits' or an .npz/.npy of uint8 [N,H,W,C]")

@@ -125,3 +125,28 @@ def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch
     a = schedule.on(x0.device, "sqrt_alphas_cumprod")[t].view(-1, 1, 1, 1)
     s = schedule.on(x0.device, "sqrt_one_minus_alphas_cumprod")[t].view(-1, 1, 1, 1)
     return a * x0 + s * noise
+
+
+def denoise_from(model: Model, schedule: Schedule, x_t: torch.Tensor, t: int, *, seed: int = 0,
+                 first_image: int = 0, variance: str = "fixed_small", clip: bool = True
+                 ) -> torch.Tensor:
+    """Run the reverse process from a given x_t at timestep t down to x_0 (t = −1 returns x_t).
+    The DDPM paper's "samples from different time steps" and interpolation figures use this."""
+    if t < 0:
+        return x_t
+    timesteps = list(range(t, -1, -1))
+    table = schedule.step_table(timesteps, variance, x_t.device)
+    noise = NoiseSource(x_t.shape, x_t.device, seed=seed, first_image=first_image,
+                        num_train_timesteps=schedule.num_timesteps)
+    return sample_loop(model, table, timesteps, noise, clip=clip, x_T=x_t).images
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
+    """Spherical interpolation per image between a and b ([B, ...])."""
+    fa, fb = a.flatten(1), b.flatten(1)
+    cos = (fa * fb).sum(1) / (fa.norm(dim=1) * fb.norm(dim=1)).clamp(min=1e-12)
+    omega = torch.arccos(cos.clamp(-1, 1)).view(-1, *([1] * (a.dim() - 1)))
+    so = torch.sin(omega)
+    lin = (1 - lam) * a + lam * b
+    sph = (torch.sin((1 - lam) * omega) * a + torch.sin(lam * omega) * b) / so.clamp(min=1e-12)
+    return torch.where(so.abs() < 1e-6, lin, sph)

@@ -127,3 +127,24 @@ def test_eval(capsys):
     assert code == 0, err
     result = json.loads(out)["bits_per_dim"]
     assert result["total"] > 0 and 0 <= result["quality"]["confident"] <= 1
+
+
+def test_from_t_and_interpolate(tmp_path, capsys):
+    code, _, err = run(capsys, "from-t", "--num", 2, "--t", 5, 20, "--out", tmp_path / "f.png",
+                       "--scale", 1)
+    assert code == 0, err
+    assert Image.open(tmp_path / "f.png").size == (3 * 10 + 2, 2 * 10 + 2)
+    code, _, err = run(capsys, "interpolate", "--t", 10, "--steps", 3, "--out",
+                       tmp_path / "i.png", "--scale", 1)
+    assert code == 0, err
+    assert Image.open(tmp_path / "i.png").size == (5 * 10 + 2, 2 * 10 + 2)
+    code, _, err = run(capsys, "from-t", "--t", 5000, "--out", tmp_path / "g.png")
+    assert code == 2 and "--t values must lie" in err and not (tmp_path / "g.png").exists()
+
+
+def test_slerp_endpoints():
+    from ddpm_fast.sampling import slerp
+
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(slerp(a, b, 0.0), a)
+    torch.testing.assert_close(slerp(a, b, 1.0), b, atol=1e-5, rtol=1e-5)
