@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoints
 from .sampling import ddim_sample, ddpm_sample
-from .schedule import Schedule
+from .schedule import VARIANCE_TYPES, Schedule
 from .unet import UNet2DModel
 
 MODES = ("reference", "fast")
@@ -64,6 +64,9 @@ class DDPMPipeline:
         numerics = numerics or ("diffusers" if mode == "reference" else "float64")
         self.schedule = Schedule.from_scheduler_config(self.scheduler_config, numerics)
         self.variance = self.scheduler_config.get("variance_type", "fixed_small")
+        if self.variance not in VARIANCE_TYPES:
+            raise ValueError(f"scheduler variance_type {self.variance!r} is not supported "
+                             f"(supported: {', '.join(VARIANCE_TYPES)})")
         self.clip = bool(self.scheduler_config.get("clip_sample", True))
         self._fast_args = dict(dtype=dtype, use_graphs=use_graphs, compile=compile)
         self._runner = None

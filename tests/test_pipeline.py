@@ -106,3 +106,10 @@ def test_accelerate_diffusers_pipeline(tiny_diffusers_unet):
     assert fast.mode == "fast"
     out = fast(batch_size=2, num_inference_steps=3, output_type="np").images
     assert out.shape == (2, 16, 16, 3)
+
+
+def test_unsupported_variance_type_is_named(tiny_diffusers_unet):
+    from ddpm_fast.unet import UNet2DModel
+
+    with pytest.raises(ValueError, match="learned_range"):
+        ddpm_fast.DDPMPipeline(UNet2DModel("tiny"), {"variance_type": "learned_range"})
