@@ -141,16 +141,21 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def figure_setup(args):
+    """Checks and loads shared by the figure commands: (PNG path, device, reference pipeline)."""
+    out = check_output(Path(args.out), args.overwrite, (".png",))
+    device = resolve_device(args.device)
+    args.mode = "reference"
+    return out, device, load_pipeline(args, device)
+
+
 def cmd_progressive(args) -> int:
     import torch
 
     from . import images as io
     from .sampling import ddpm_sample
 
-    out = check_output(Path(args.out), args.overwrite, (".png",))
-    device = resolve_device(args.device)
-    args.mode = "reference"
-    pipe = load_pipeline(args, device)
+    out, device, pipe = figure_setup(args)
     c = pipe.unet.config
     res = ddpm_sample(pipe.unet, pipe.schedule, (args.num, c.in_channels, c.sample_size,
                                                  c.sample_size), seed=args.seed,
@@ -195,10 +200,7 @@ def cmd_from_t(args) -> int:
     from . import images as io
     from .sampling import denoise_from, q_sample
 
-    out = check_output(Path(args.out), args.overwrite, (".png",))
-    device = resolve_device(args.device)
-    args.mode = "reference"
-    pipe = load_pipeline(args, device)
+    out, device, pipe = figure_setup(args)
     x0 = real_images(args, pipe, args.num)
     ts = [t for t in args.t if 0 <= t < pipe.schedule.num_timesteps]
     if len(ts) != len(args.t):
@@ -222,10 +224,7 @@ def cmd_interpolate(args) -> int:
     from . import images as io
     from .sampling import denoise_from, q_sample, slerp
 
-    out = check_output(Path(args.out), args.overwrite, (".png",))
-    device = resolve_device(args.device)
-    args.mode = "reference"
-    pipe = load_pipeline(args, device)
+    out, device, pipe = figure_setup(args)
     if not 0 <= args.t < pipe.schedule.num_timesteps:
         raise UsageError(f"--t must lie in [0, {pipe.schedule.num_timesteps})")
     pair = real_images(args, pipe, 2)
