@@ -22,7 +22,8 @@ EXAMPLES = {
   ddpm-fast interpolate --out interp.png --t 500 --steps 9""",
     "train": """examples:
   ddpm-fast train --data digits --out runs/digits --steps 10000
-  ddpm-fast train --data images.npz --out runs/mine --steps 50000 --resume""",
+  ddpm-fast train --data images.npz --out runs/mine --steps 50000 --resume
+  torchrun --nproc-per-node 8 -m ddpm_fast.cli train --data images.npz --out runs/big --device cuda""",
     "info": "examples:\n  ddpm-fast info",
     "eval": "examples:\n  ddpm-fast eval --terms 1000            # the exact bound, as in the DDPM paper",
     "bench": "examples:\n  ddpm-fast bench --device cpu --batch 8 --steps 10",
@@ -270,13 +271,17 @@ def cmd_train(args) -> int:
         config = PRESETS[args.preset] if args.preset else DIGITS_CONFIG
         config = type(config)(**{**config.__dict__, "sample_size": arr.shape[1],
                                  "in_channels": arr.shape[3], "out_channels": arr.shape[3]})
+    from . import distributed
+
     device = resolve_device(args.device)
+    distributed.init_from_env(device)        # under torchrun: one process per GPU / CPU worker
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every)
     ema, _ = train(UNet2DModel(config), data, cfg, out_dir=out / "checkpoint",
                    resume=args.resume, device=device)
-    save_pretrained(ema, out / "pipeline")
-    print(f"wrote the EMA model to {out / 'pipeline'} (load it with --model {out / 'pipeline'})")
+    if distributed.is_main():
+        save_pretrained(ema, out / "pipeline")
+        print(f"wrote the EMA model to {out / 'pipeline'} (load it with --model {out / 'pipeline'})")
     return 0
 
 

@@ -71,10 +71,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig) -> Path:
+    """Collective under torchrun (every rank calls it: RNG states are gathered); rank 0 writes."""
     import shutil
     import tempfile
 
     from safetensors.torch import save_file
+
+    from . import distributed
+
+    rng_states = distributed.gather_objects(torch.get_rng_state())
+    if not distributed.is_main():
+        distributed.barrier()
+        return folder / f"step-{step:08d}"
 
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
@@ -84,7 +92,7 @@ def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig) 
             save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
                       str(tmp / f"{label}.safetensors"))
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        torch.save({"torch": rng_states}, tmp / "rng.pt")
         state = {"step": step, "unet_config": model.config.to_dict(), "train": asdict(cfg)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if (folder / name).exists():
@@ -97,6 +105,7 @@ def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig) 
     for old in folder.glob("step-*"):          # keep only the checkpoint `latest` names
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return folder / name
 
 
@@ -112,7 +121,14 @@ def load_checkpoint(folder: Path, model, ema, opt) -> int:
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
     opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
+    from . import distributed
+
+    rank, size = distributed.world()
+    states = torch.load(ckpt / "rng.pt", weights_only=True)["torch"]
+    if isinstance(states, torch.Tensor):     # a single-process checkpoint
+        states = [states]
+    if len(states) == size:                  # same world size: each rank continues its stream
+        torch.set_rng_state(states[rank])
     return int(state["step"])
 
 
@@ -124,8 +140,11 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
                                             unet.config.sample_size):
         raise ValueError(f"data shape {tuple(data.shape)} does not fit the model "
                          f"({unet.config.in_channels}×{unet.config.sample_size}²)")
+    from . import distributed
+
     schedule = schedule or Schedule.linear()
-    torch.manual_seed(cfg.seed)
+    rank, world_size = distributed.world()
+    torch.manual_seed(cfg.seed + rank)       # ranks draw different batches, times and noise
     model = unet.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -134,6 +153,9 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
     if resume and folder and has_checkpoint(folder):
         step = load_checkpoint(folder, model, ema, opt)
         log(f"resumed from {folder} at step {step}")
+    # DDP broadcasts rank 0's weights at construction and averages gradients in backward, so
+    # every rank's model (and EMA) stays identical; the global batch is world_size × batch_size
+    net = (torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model)
     data = data.to(device)
     losses, t0 = [], time.perf_counter()
     while step < cfg.steps:
@@ -144,7 +166,7 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-        loss = l_simple(model, schedule, x0)
+        loss = l_simple(net, schedule, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -152,7 +174,7 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
         ema_update(ema, model, cfg.ema_decay)
         step += 1
         losses.append(loss.item())
-        if cfg.log_every and step % cfg.log_every == 0:
+        if cfg.log_every and step % cfg.log_every == 0 and rank == 0:
             recent = losses[-cfg.log_every:]
             log(f"step {step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
                 f"({(time.perf_counter() - t0) / step:.3f} s/step)")
