@@ -61,20 +61,25 @@ DDPM_HD void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
   *z1 = static_cast<float>(r * sin(theta));
 }
 
-// Standard normal number `element` of image `image` at diffusion step `step`. Elements are
-// generated four at a time: element e uses Philox counter word e / 4 and output e % 4.
-DDPM_HD float philox_normal(uint64_t seed, uint32_t image, uint32_t step, uint64_t element) {
-  const Philox4 r = philox4x32_10(static_cast<uint32_t>(element >> 2), step,
+// The four standard normals of Philox group `group` (elements 4·group … 4·group+3) of image
+// `image` at diffusion step `step`: counter (group, step, seed >> 32, 0), key (seed, image).
+DDPM_HD void philox_normals4(uint64_t seed, uint32_t image, uint32_t step, uint64_t group,
+                             float z[4]) {
+  const Philox4 r = philox4x32_10(static_cast<uint32_t>(group), step,
                                   static_cast<uint32_t>(seed >> 32), 0u,
                                   static_cast<uint32_t>(seed), image);
-  float z0, z1;
-  const int lane = static_cast<int>(element & 3);
-  if (lane < 2) {
-    box_muller(r.v[0], r.v[1], &z0, &z1);
-  } else {
-    box_muller(r.v[2], r.v[3], &z0, &z1);
+  box_muller(r.v[0], r.v[1], &z[0], &z[1]);
+  box_muller(r.v[2], r.v[3], &z[2], &z[3]);
+}
+
+// Normals for elements [0, count) of one image, one Philox call per group of four.
+inline void philox_normals(uint64_t seed, uint32_t image, uint32_t step, int64_t count,
+                           float* out) {
+  float z[4];
+  for (int64_t g = 0; 4 * g < count; ++g) {
+    philox_normals4(seed, image, step, static_cast<uint64_t>(g), z);
+    for (int j = 0; j < 4 && 4 * g + j < count; ++j) out[4 * g + j] = z[j];
   }
-  return (lane & 1) ? z1 : z0;
 }
 
 // One sampler update for one element; coef points at the step's table row.

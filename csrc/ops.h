@@ -20,7 +20,7 @@ struct StepArgs {
   bool clip;
 };
 
-// Arguments of a standalone noise fill: out[n, e] = philox_normal(seed, first + n, step, e).
+// Arguments of a standalone noise fill: out[n, :] = the normals of image first + n at `step`.
 struct NoiseArgs {
   float* out;              // [N, per_image] contiguous
   const int64_t* key;      // [2] (seed, index of image 0)

@@ -5,45 +5,9 @@
 
 #include "../common.h"
 #include "../ops.h"
+#include "convert.h"
 
 namespace ddpm_fast {
-namespace {
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (mant << 13);  // inf / nan
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112u) << 23) | (mant << 13);
-  } else if (mant == 0) {
-    bits = sign;
-  } else {  // subnormal half: normalise
-    int e = -1;
-    do { ++e; mant <<= 1; } while ((mant & 0x400u) == 0);
-    bits = sign | ((112u - e) << 23) | ((mant & 0x3FFu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline float load_eps(const void* base, int dtype, int64_t offset) {
-  switch (dtype) {
-    case kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[offset]);
-    case kFloat16: return half_to_float(static_cast<const uint16_t*>(base)[offset]);
-    default: return static_cast<const float*>(base)[offset];
-  }
-}
-
-}  // namespace
 
 void ddpm_step_cpu(const StepArgs& a) {
   const float* coef = a.coef + a.step[0] * kCoefCols;
@@ -58,15 +22,21 @@ void ddpm_step_cpu(const StepArgs& a) {
       if (add_noise) {
         if (a.noise) {
           std::memcpy(z.data(), a.noise + base, hw * sizeof(float));
-        } else {
+        } else {  // this plane's elements [ch·hw, ch·hw + hw), one Philox call per four
           const uint64_t seed = static_cast<uint64_t>(a.key[0]);
           const uint32_t image = static_cast<uint32_t>(a.key[1] + n);
-          for (int64_t p = 0; p < hw; ++p) z[p] = philox_normal(seed, image, t, ch * hw + p);
+          const int64_t first = ch * hw, lead = first & 3;
+          float q[4];
+          for (int64_t e0 = first - lead; e0 < first + hw; e0 += 4) {
+            philox_normals4(seed, image, t, static_cast<uint64_t>(e0 >> 2), q);
+            for (int j = 0; j < 4; ++j)
+              if (e0 + j >= first && e0 + j < first + hw) z[e0 + j - first] = q[j];
+          }
         }
       }
       for (int64_t y = 0; y < a.h; ++y)
         for (int64_t xx = 0; xx < a.w; ++xx)
-          e[y * a.w + xx] = load_eps(a.eps, a.eps_dtype,
+          e[y * a.w + xx] = load_as_float(a.eps, a.eps_dtype,
                                      n * a.eps_stride[0] + ch * a.eps_stride[1] +
                                          y * a.eps_stride[2] + xx * a.eps_stride[3]);
       const float* x = a.x + base;
@@ -82,8 +52,7 @@ void philox_normal_cpu(const NoiseArgs& a) {
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < a.n; ++n) {
     const uint32_t image = static_cast<uint32_t>(a.key[1] + n);
-    float* out = a.out + n * a.per_image;
-    for (int64_t e = 0; e < a.per_image; ++e) out[e] = philox_normal(seed, image, step, e);
+    philox_normals(seed, image, step, a.per_image, a.out + n * a.per_image);
   }
 }
 

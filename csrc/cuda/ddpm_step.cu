@@ -21,15 +21,6 @@ __device__ __forceinline__ float load_eps(const void* base, int dtype, int64_t o
   }
 }
 
-__device__ __forceinline__ void normals4(uint64_t seed, uint32_t image, uint32_t step,
-                                         uint64_t group, float z[4]) {
-  const Philox4 r = philox4x32_10(static_cast<uint32_t>(group), step,
-                                  static_cast<uint32_t>(seed >> 32), 0u,
-                                  static_cast<uint32_t>(seed), image);
-  box_muller(r.v[0], r.v[1], &z[0], &z[1]);
-  box_muller(r.v[2], r.v[3], &z[2], &z[3]);
-}
-
 __global__ void ddpm_step_kernel(StepArgs a) {
   const int64_t chw = a.c * a.h * a.w;
   const int64_t groups_per_image = (chw + 3) / 4;
@@ -39,7 +30,7 @@ __global__ void ddpm_step_kernel(StepArgs a) {
   const float* coef = a.coef + a.step[0] * kCoefCols;
   float z[4] = {0.f, 0.f, 0.f, 0.f};
   if (coef[kSigma] != 0.0f && a.noise == nullptr) {
-    normals4(static_cast<uint64_t>(a.key[0]), static_cast<uint32_t>(a.key[1] + n),
+    philox_normals4(static_cast<uint64_t>(a.key[0]), static_cast<uint32_t>(a.key[1] + n),
              static_cast<uint32_t>(coef[kT]), group, z);
   }
   const int64_t hw = a.h * a.w;
@@ -63,7 +54,7 @@ __global__ void philox_normal_kernel(NoiseArgs a) {
   if (g >= groups_per_image * a.n) return;
   const int64_t n = g / groups_per_image, group = g % groups_per_image;
   float z[4];
-  normals4(static_cast<uint64_t>(a.key[0]), static_cast<uint32_t>(a.key[1] + n),
+  philox_normals4(static_cast<uint64_t>(a.key[0]), static_cast<uint32_t>(a.key[1] + n),
            static_cast<uint32_t>(a.step[0]), group, z);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
