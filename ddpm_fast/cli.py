@@ -170,23 +170,30 @@ def cmd_progressive(args) -> int:
     return 0
 
 
-def real_images(args, pipe, count: int):
-    """`count` real images in model space: the digits, or the first of an .npz/.npy of uint8."""
+def load_image_array(text: str, flag: str):
+    """uint8 images [N, H, W, C] from an .npz (first array) or .npy → model space [N, C, H, W]."""
     import numpy as np
     import torch
 
+    path = Path(text)
+    if not path.is_file() or path.suffix not in (".npz", ".npy"):
+        raise UsageError(f"{flag} {path}: expected 'digits' or an existing .npz/.npy file")
+    arr = np.load(path)
+    arr = arr[arr.files[0]] if hasattr(arr, "files") else arr
+    if arr.ndim != 4 or arr.shape[1] != arr.shape[2]:
+        raise UsageError(f"{flag} {path}: expected uint8 images [N, H, W, C], got {arr.shape}")
+    return torch.tensor(arr, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def real_images(args, pipe, count: int):
+    """`count` real images in model space: the digits, or the first of an .npz/.npy of uint8."""
     c = pipe.unet.config
     if args.images == "digits":
         from .training import digits_dataset
 
         data = digits_dataset(c.sample_size)[-count:]
     else:
-        path = Path(args.images)
-        if not path.is_file():
-            raise UsageError(f"--images {path} does not exist")
-        arr = np.load(path)
-        arr = arr[arr.files[0]] if hasattr(arr, "files") else arr
-        data = torch.tensor(arr[:count], dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
+        data = load_image_array(args.images, "--images")[:count]
     if data.shape[1:] != (c.in_channels, c.sample_size, c.sample_size):
         raise UsageError(f"images are {tuple(data.shape[1:])}, the model needs "
                          f"{(c.in_channels, c.sample_size, c.sample_size)}")
@@ -247,9 +254,6 @@ def cmd_interpolate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import numpy as np
-    import torch
-
     from .checkpoints import save_pretrained
     from .training import DIGITS_CONFIG, TrainConfig, digits_dataset, train
     from .unet import PRESETS, UNet2DModel
@@ -260,17 +264,10 @@ def cmd_train(args) -> int:
     if args.data == "digits":
         config, data = DIGITS_CONFIG, digits_dataset(DIGITS_CONFIG.sample_size)
     else:
-        path = Path(args.data)
-        if not path.is_file() or path.suffix not in (".npz", ".npy"):
-            raise UsageError(f"--data {path}: expected 'digits' or an existing .npz/.npy file")
-        arr = np.load(path)
-        arr = arr[arr.files[0]] if hasattr(arr, "files") else arr
-        if arr.ndim != 4 or arr.shape[1] != arr.shape[2]:
-            raise UsageError(f"--data {path}: expected uint8 images [N, H, W, C], got {arr.shape}")
-        data = torch.tensor(arr, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
+        data = load_image_array(args.data, "--data")
         config = PRESETS[args.preset] if args.preset else DIGITS_CONFIG
-        config = type(config)(**{**config.__dict__, "sample_size": arr.shape[1],
-                                 "in_channels": arr.shape[3], "out_channels": arr.shape[3]})
+        config = type(config)(**{**config.__dict__, "sample_size": data.shape[2],
+                                 "in_channels": data.shape[1], "out_channels": data.shape[1]})
     from . import distributed
 
     device = resolve_device(args.device)

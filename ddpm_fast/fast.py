@@ -16,17 +16,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from .ops.backend import triton_available
 from .ops.ddpm_step import ddpm_step_out
 from .ops.philox import key_tensor, philox_normal
 from .unet import UNet2DModel
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class FastRunner:
@@ -41,12 +34,13 @@ class FastRunner:
         self.use_graphs = on_gpu if use_graphs is None else use_graphs
         if self.use_graphs and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.unet = copy.deepcopy(unet).to(device=device, dtype=self.dtype, memory_format=fmt).eval()
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.unet = copy.deepcopy(unet).to(device=device, dtype=self.dtype,
+                                           memory_format=self.memory_format).eval()
         # Inductor fuses the GroupNorm/SiLU/bias chains the eager U-Net runs as separate kernels
         # (1.8-2.9x per step on an H100); default on for CUDA when triton is importable.
         if compile is None:
-            compile = on_gpu and _triton_importable()
+            compile = on_gpu and triton_available(device)
         # Our fused GroupNorm(+add, +SiLU) kernels serve the eager U-Net; under torch.compile
         # the reference ops are left to Inductor, which fuses them into its own kernels.
         # On CPU torch's own GroupNorm measured faster than ours, so the reference ops stay.
@@ -65,9 +59,8 @@ class FastRunner:
     def _step(self, state: dict) -> None:
         x, step = state["x"], state["step"]
         temb = state["temb"].index_select(0, step)               # [1, 4·C0], broadcast
-        inp = x.to(self.dtype)
-        if self.channels_last:
-            inp = inp.contiguous(memory_format=torch.channels_last)
+        # one kernel: cast to the model dtype straight into the model's memory format
+        inp = x.to(dtype=self.dtype, memory_format=self.memory_format)
         eps = self.model(inp, None, temb=temb)
         ddpm_step_out(x, x, eps, state["coef"], step, state["key"], None, state["clip"])
         step.add_(1)
@@ -78,6 +71,14 @@ class FastRunner:
                                  device=self.device),
                 "step": torch.zeros(1, dtype=torch.int64, device=self.device),
                 "coef": coef, "temb": temb, "key": key, "clip": clip}
+
+    def _warm_up(self, state: dict) -> None:
+        """Two steps before capture (allocator, cuDNN plans, compilation), each from row 0 so
+        that one- and two-row tables are never overrun; leaves the step index at 0."""
+        for _ in range(2):
+            state["step"].zero_()
+            self._step(state)
+        state["step"].zero_()
 
     def _graph_for(self, batch: int, num_steps: int, clip: bool):
         """A captured step for this batch shape; tables and key are copied into its buffers."""
@@ -92,19 +93,14 @@ class FastRunner:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), torch.no_grad():
                 try:
-                    for _ in range(2):             # warm-up: allocator, cuDNN plans, compile
-                        state["step"].zero_()      # stay inside the tables (1-step runs too)
-                        self._step(state)
+                    self._warm_up(state)
                 except Exception as e:             # Inductor failed: run the eager U-Net
                     if self.model is self.unet:
                         raise
                     warnings.warn(f"torch.compile of the U-Net failed ({type(e).__name__}: {e}); "
                                   "using the eager U-Net")
                     self.model = self.unet
-                    for _ in range(2):
-                        state["step"].zero_()
-                        self._step(state)
-            state["step"].zero_()
+                    self._warm_up(state)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
@@ -118,34 +114,38 @@ class FastRunner:
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
+    def _prepare(self, coef: torch.Tensor, timesteps: Sequence[int], batch: int, key, clip: bool):
+        """(state, run-one-step) for a run: the cached graph with this run's tables copied into
+        its buffers, or eager steps when graphs are off or capture failed."""
+        coef = coef.to(self.device)
+        temb = self.time_table(timesteps)
+        if self.use_graphs:
+            try:
+                graph, state = self._graph_for(batch, len(timesteps), clip)
+            except RuntimeError as e:              # capture failed: the eager path still works
+                warnings.warn(f"{e}; sampling without CUDA graphs")
+            else:
+                state["coef"].copy_(coef)
+                state["temb"].copy_(temb)
+                state["key"].copy_(key)
+                return state, graph.replay
+        state = self._state(batch, coef, temb, key, clip)
+        return state, lambda: self._step(state)
+
+    @torch.no_grad()
     def sample(self, coef: torch.Tensor, timesteps: Sequence[int], batch: int, seed: int,
                first_image: int = 0, clip: bool = True, x_T: Optional[torch.Tensor] = None,
                num_train_timesteps: int = 1000, progress=None) -> torch.Tensor:
         """Run all rows of `coef` from x_T (Philox noise at step T unless given); returns x_0."""
         c = self.unet.config
         shape = (batch, c.in_channels, c.sample_size, c.sample_size)
-        coef = coef.to(self.device)
-        temb = self.time_table(timesteps)
-        key = key_tensor(seed, first_image, self.device)
         if x_T is None:
             x_T = philox_normal(shape, seed, num_train_timesteps, first_image, self.device)
-        graph = None
-        if self.use_graphs:
-            try:
-                graph, state = self._graph_for(batch, len(timesteps), clip)
-            except RuntimeError as e:              # capture failed: the eager path still works
-                warnings.warn(f"{e}; sampling without CUDA graphs")
-        if graph is not None:
-            state["coef"].copy_(coef)
-            state["temb"].copy_(temb)
-            state["key"].copy_(key)
-            run = graph.replay
-        else:
-            state = self._state(batch, coef, temb, key, clip)
-            run = lambda: self._step(state)  # noqa: E731
+        state, run = self._prepare(coef, timesteps, batch,
+                                   key_tensor(seed, first_image, self.device), clip)
         state["x"].copy_(x_T)
         state["step"].zero_()
-        for i in range(len(timesteps)):
+        for _ in range(len(timesteps)):
             run()
             if progress is not None:
                 progress(1)
@@ -154,16 +154,7 @@ class FastRunner:
     def benchmark_step_fn(self, coef: torch.Tensor, timesteps: Sequence[int], batch: int,
                           clip: bool = True):
         """A callable running one step per call (for benchmarks/sample_throughput.py)."""
-        coef = coef.to(self.device)
-        temb = self.time_table(timesteps)
-        key = key_tensor(0, 0, self.device)
-        if self.use_graphs:
-            graph, state = self._graph_for(batch, len(timesteps), clip)
-            state["coef"].copy_(coef)
-            state["temb"].copy_(temb)
-            state["key"].copy_(key)
-        else:
-            state = self._state(batch, coef, temb, key, clip)
+        state, run = self._prepare(coef, timesteps, batch, key_tensor(0, 0, self.device), clip)
         state["x"].normal_()
         n = len(timesteps)
 
@@ -171,6 +162,6 @@ class FastRunner:
             if i % n == 0:
                 state["step"].zero_()
             with torch.no_grad():
-                graph.replay() if self.use_graphs else self._step(state)
+                run()
 
         return step

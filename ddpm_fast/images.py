@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoints import atomic_write_bytes
+from .checkpoints import atomic_dir, atomic_write_bytes
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -57,16 +54,7 @@ def save_npz(path: Path, **arrays) -> None:
 
 
 def save_folder(path: Path, images: np.ndarray, first_index: int = 0) -> None:
-    """One PNG per image, written into a temporary sibling folder that is renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    """One PNG per image, written into a temporary folder that is renamed into place."""
+    with atomic_dir(path) as tmp:
         for i, im in enumerate(images):
             (tmp / f"{first_index + i:06d}.png").write_bytes(png_bytes(im))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -13,9 +13,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .ops.ddpm_step import ddpm_step
+from .ops.ddpm_step import ddpm_step, predict_x0
 from .ops.philox import key_tensor, philox_normal
-from .schedule import A, B, SIGMA, Schedule
+from .schedule import SIGMA, Schedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -62,11 +62,6 @@ class NoiseSource:
     def step_noise(self) -> Optional[torch.Tensor]:
         """External noise for a step, or None to let the step op draw Philox noise itself."""
         return None if self.philox else randn_like_diffusers(self.shape, self.generator, self.device)
-
-
-def predict_x0(x, eps, row, clip: bool) -> torch.Tensor:
-    x0 = (x - row[A] * eps.float()) / row[B]
-    return x0.clamp(-1, 1) if clip else x0
 
 
 @torch.no_grad()
@@ -121,9 +116,9 @@ def ddim_sample(model: Model, schedule: Schedule, shape, *, num_inference_steps:
 
 def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
              ) -> torch.Tensor:
-    """Forward process: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, t [B] integer timesteps."""
-    a = schedule.on(x0.device, "sqrt_alphas_cumprod")[t].view(-1, 1, 1, 1)
-    s = schedule.on(x0.device, "sqrt_one_minus_alphas_cumprod")[t].view(-1, 1, 1, 1)
+    """Forward process: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, t [B] integer timesteps (x0's dtype)."""
+    a = schedule.on(x0.device, "sqrt_alphas_cumprod", x0.dtype)[t].view(-1, 1, 1, 1)
+    s = schedule.on(x0.device, "sqrt_one_minus_alphas_cumprod", x0.dtype)[t].view(-1, 1, 1, 1)
     return a * x0 + s * noise
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import atomic_write_bytes
+from .checkpoints import atomic_dir, atomic_write_bytes
+from .sampling import q_sample
 from .schedule import Schedule
 from .unet import UNet2DModel, UNetConfig
 
@@ -59,9 +59,7 @@ def l_simple(unet, schedule: Schedule, x0: torch.Tensor, generator=None) -> torc
     b = x0.shape[0]
     t = torch.randint(0, schedule.num_timesteps, (b,), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-    a = schedule.on(x0.device, "sqrt_alphas_cumprod")[t].view(-1, 1, 1, 1)
-    s = schedule.on(x0.device, "sqrt_one_minus_alphas_cumprod")[t].view(-1, 1, 1, 1)
-    return F.mse_loss(unet(a * x0 + s * noise, t), noise)
+    return F.mse_loss(unet(q_sample(schedule, x0, t, noise), t), noise)
 
 
 @torch.no_grad()
@@ -73,7 +71,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig) -> Path:
     """Collective under torchrun (every rank calls it: RNG states are gathered); rank 0 writes."""
     import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
@@ -83,11 +80,8 @@ def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig) 
     if not distributed.is_main():
         distributed.barrier()
         return folder / f"step-{step:08d}"
-
-    folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}."))
-    try:
+    with atomic_dir(folder / name) as tmp:
         for label, m in (("model", model), ("ema", ema)):
             save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
                       str(tmp / f"{label}.safetensors"))
@@ -95,12 +89,6 @@ def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig) 
         torch.save({"torch": rng_states}, tmp / "rng.pt")
         state = {"step": step, "unet_config": model.config.to_dict(), "train": asdict(cfg)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        if (folder / name).exists():
-            shutil.rmtree(folder / name)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_bytes(folder / "latest", name.encode())
     for old in folder.glob("step-*"):          # keep only the checkpoint `latest` names
         if old.name != name:
@@ -261,8 +249,8 @@ def bits_per_dim(unet, schedule: Schedule, x0: torch.Tensor, variance: str = "fi
     def term(t: int):
         """(mean over dims, in nats) of L_{t-1} for t ≥ 1 (KL) or L_0 for t = 0 (decoder)."""
         noise = torch.randn(x0.shape, generator=generator, dtype=f64, device=device)
-        xt = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * noise
         tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
+        xt = q_sample(schedule, x0, tt, noise)
         eps = unet(xt.to(unet.dtype), tt).to(f64)
         x0_pred = (xt - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
         if clip:

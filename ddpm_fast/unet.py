@@ -9,7 +9,7 @@ asking for anything else is rejected by name rather than silently ignored.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch

@@ -94,7 +94,7 @@ def test_bad_arguments_one_line_exit_2(tmp_path, capsys, model_dir, argv, messag
     if "--model" not in argv and argv[0] == "sample":
         argv += ["--model", str(model_dir)]
     if "--device" in argv and torch.cuda.is_available():
-        pytest.skip("a GPU is present")
+        pytest.skip("checks the no-GPU error for --device cuda:0; a GPU is present")
     code, _, err = run(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()

@@ -47,7 +47,9 @@ def _torch_same_dtype(x, weight, bias, groups, silu, add):
 @pytest.mark.parametrize("silu, use_add", [(True, True), (False, False)])
 def test_group_norm(backend, shape, dtype, layout, silu, use_add):
     if backend == "triton" and shape[0] * shape[1] * shape[2] * shape[3] > 40_000 and layout != "contiguous":
-        pytest.skip("the Triton interpreter is slow: large shapes run in one layout")
+        # ~1,000 interpreted programs per call: the large shapes run NCHW only here; the
+        # channels_last/strided layouts run at these sizes on the GPU in test_cuda.py
+        pytest.skip("Triton interpreter: large shapes are tested in one layout on CPU")
     x, weight, bias, add, groups = _inputs(shape, dtype, layout)
     add = add if use_add else None
     with use_backend(backend):

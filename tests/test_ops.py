@@ -38,7 +38,6 @@ def test_philox_known_answers():
     assert r == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
-@pytest.mark.skipif(not _native.available(), reason="native module not built")
 def test_philox_raw_native_bit_exact():
     out = torch.zeros(64, 4, dtype=torch.int32)
     _native._C.philox_raw_cpu(out.data_ptr(), 64, 7, 0xDEADBEEF, 9, 0xFFFFFFF0, 11)

@@ -3,8 +3,7 @@ checkpoint write that dies half-way leaves the previous checkpoint loadable."""
 import pytest
 import torch
 
-from ddpm_fast.training import (DIGITS_CONFIG, TrainConfig, digits_dataset, ema_update,
-                                save_checkpoint, train)
+from ddpm_fast.training import DIGITS_CONFIG, TrainConfig, digits_dataset, ema_update, train
 from ddpm_fast.unet import UNet2DModel, UNetConfig
 
 pytest.importorskip("sklearn")

@@ -21,13 +21,17 @@ from . import backend
 from .philox import philox_normal_reference
 
 
+def predict_x0(x, eps, row, clip: bool) -> torch.Tensor:
+    """x̂0 = (x − A·ε) / B from one table row, clipped to [−1, 1] when clip."""
+    x0 = (x - row[A] * eps.float()) / row[B]
+    return x0.clamp(-1.0, 1.0) if clip else x0
+
+
 def ddpm_step_reference(x, eps, coef, step, key, noise, clip: bool) -> torch.Tensor:
     """Torch reference. Its arithmetic order matches diffusers' DDPMScheduler.step, so with
     "diffusers" tables and external noise it reproduces diffusers' samples bit for bit."""
     row = coef.index_select(0, step.reshape(1).to(coef.device)).reshape(-1)
-    x0 = (x - row[A] * eps.float()) / row[B]
-    if clip:
-        x0 = x0.clamp(-1.0, 1.0)
+    x0 = predict_x0(x, eps, row, clip)
     mean = row[C0] * x0 + row[C1] * x
     if bool(row[C2] != 0):
         mean = mean + row[C2] * eps.float()
