@@ -25,6 +25,10 @@ DEFAULT_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000
                      "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
                      "variance_type": "fixed_small", "clip_sample": True,
                      "prediction_type": "epsilon"}
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+# The original DDPM models were sampled with σ² = β_t (the paper's CIFAR-10 setting) and x̂0 clipping;
+# diffusers' converted google/ddpm-* folders say the same.
+ORIGINAL_SCHEDULER = {**DEFAULT_SCHEDULER, "variance_type": "fixed_large"}
 
 
 class CheckpointError(ValueError):
@@ -50,10 +54,31 @@ def find_unet_folder(path: str | os.PathLike) -> Path:
     for candidate in (p, p / "unet"):
         if (candidate / "config.json").is_file():
             return candidate
-    raise CheckpointError(f"no config.json in {p} or {p / 'unet'}: not a diffusers model folder")
+    raise CheckpointError(f"no config.json in {p} or {p / 'unet'}: not a diffusers model folder, "
+                          "a training run or a checkpoint file")
+
+
+def find_training_checkpoint(path: Path) -> Path | None:
+    """The checkpoint folder that `latest` names in a training run (`run/` or `run/checkpoint/`)."""
+    for folder in (path, path / "checkpoint"):
+        latest = folder / "latest"
+        if latest.is_file():
+            ckpt = folder / latest.read_text().strip()
+            if not (ckpt / "state.json").is_file():
+                raise CheckpointError(f"{latest} names {ckpt.name}, which has no state.json")
+            return ckpt
+    return None
 
 
 def load_state_dict(path: Path) -> dict:
+    """Tensors from a .safetensors file, or from a torch-saved file through the weights-only
+    unpickler (which refuses anything that is not tensors and plain containers)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(len(LFS_POINTER))
+    if head == LFS_POINTER:
+        raise CheckpointError(f"{path} is a git-lfs pointer, not the weights: fetch them with "
+                              "`git lfs pull` (or download the file itself)")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -61,13 +86,37 @@ def load_state_dict(path: Path) -> dict:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from None
+    import pickle
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors, "
+                              f"and unpickling them could run code ({reason[:160]}); "
+                              "save the weights as safetensors") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot load weights safely ({type(e).__name__}: {e})") from None
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return sd
+        raise CheckpointError(f"{path}: not a readable weights file ({type(e).__name__}: "
+                              f"{str(e).strip()[:200]})") from None
+    return _unwrap_state_dict(sd, path)
+
+
+def _unwrap_state_dict(obj, path) -> dict:
+    """The tensor dict inside the usual wrappers: {"state_dict": …}, {"model": …}, [sd, …]
+    (the DDIM repository's format), and DistributedDataParallel's "module." prefixes."""
+    for _ in range(3):
+        if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], dict):
+            obj = obj[0]
+        elif isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in ("state_dict", "model", "ema", "net") if k in obj), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
+    tensors = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors
 
 
 def check_state_dict(model: torch.nn.Module, sd: dict, source) -> None:
@@ -89,26 +138,57 @@ def check_state_dict(model: torch.nn.Module, sd: dict, source) -> None:
         raise CheckpointError(f"{source}: weight {k} has shape {tuple(sd[k].shape)}, the config "
                               f"needs {tuple(expected[k].shape)}" +
                               (f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else ""))
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    not_float = sorted(k for k in expected if not sd[k].is_floating_point())
+    if not_float:
+        k = not_float[0]
+        raise CheckpointError(f"{source}: weight {k} has dtype {sd[k].dtype}, expected a "
+                              "floating-point type")
+    bad = [k for k, v in sd.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{source}: non-finite values in {few(bad)}")
 
 
-def load_unet(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> UNet2DModel:
-    folder = find_unet_folder(path)
-    config = _read_json(folder / "config.json")
+def _build_unet(config: dict, source) -> UNet2DModel:
     cls = config.get("_class_name", "UNet2DModel")
     if cls != "UNet2DModel":
-        raise CheckpointError(f"{folder / 'config.json'}: model class {cls!r} is not UNet2DModel")
+        raise CheckpointError(f"{source}: model class {cls!r} is not UNet2DModel")
     try:
-        model = UNet2DModel(UNetConfig.from_dict(config))
+        return UNet2DModel(UNetConfig.from_dict(config))
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def read_unet_weights(path: str | os.PathLike, sample_size: int | None = None
+                      ) -> tuple[dict, dict, Path]:
+    """(config dict, state dict in diffusers names, weights file) from any supported source:
+    a diffusers folder (pipeline or model), one of our training runs (its EMA weights), or an
+    original DDPM checkpoint file (converted; `sample_size` overrides the guessed resolution)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"model path does not exist: {p}")
+    if p.is_file():
+        config, sd = original_to_diffusers(load_state_dict(p), p, sample_size)
+        return config, sd, p
+    ckpt = find_training_checkpoint(p)
+    if ckpt is not None:
+        config = _read_json(ckpt / "state.json").get("unet_config")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{ckpt / 'state.json'}: no unet_config")
+        return config, load_state_dict(ckpt / "ema.safetensors"), ckpt / "ema.safetensors"
+    folder = find_unet_folder(p)
+    config = _read_json(folder / "config.json")
     weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"no weights in {folder} (looked for {', '.join(WEIGHT_NAMES)})")
-    sd = load_state_dict(weights)
-    check_state_dict(model, sd, weights)
+    return config, load_state_dict(weights), weights
+
+
+def load_unet(path: str | os.PathLike, device="cpu", dtype=torch.float32,
+              sample_size: int | None = None) -> UNet2DModel:
+    """The U-Net at `path` (see read_unet_weights), checked against its config, in eval mode."""
+    config, sd, source = read_unet_weights(path, sample_size)
+    model = _build_unet(config, source)
+    check_state_dict(model, sd, source)
     model.load_state_dict(sd, strict=True)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -116,6 +196,8 @@ def load_unet(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> UNe
 def load_scheduler_config(path: str | os.PathLike) -> dict:
     """scheduler/scheduler_config.json of a pipeline folder, or the DDPM defaults if absent."""
     p = Path(path)
+    if p.is_file():                  # an original DDPM checkpoint
+        return dict(ORIGINAL_SCHEDULER)
     for candidate in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json"):
         if candidate.is_file():
             config = _read_json(candidate)
@@ -127,6 +209,92 @@ def load_scheduler_config(path: str | os.PathLike) -> dict:
                 raise CheckpointError(f"{candidate}: dynamic thresholding is not supported")
             return config
     return dict(DEFAULT_SCHEDULER)
+
+
+# ------------------------------------------------------------------ original DDPM checkpoints
+
+# Names in the widely used PyTorch port of the original TensorFlow DDPM code (pytorch_diffusion,
+# also the DDIM repository): temb.dense.{0,1}, down.{i}.block.{j}, down.{i}.attn.{j} with q/k/v/
+# proj_out as 1×1 convolutions, mid.block_1/attn_1/block_2, and up.{i} indexed by resolution level
+# (0 = the highest), where diffusers' up_blocks run from the lowest resolution.
+_RESNET_NAMES = {"temb_proj": "time_emb_proj", "nin_shortcut": "conv_shortcut"}
+_ATTN_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# resolution by number of levels: CIFAR-10 (1,2,2,2) → 32; CelebA 64 (1,2,2,2,4); LSUN/CelebA-HQ → 256
+_GUESSED_SIZE = {4: 32, 5: 64, 6: 256}
+
+
+def _original_name(key: str, levels: int) -> str | None:
+    """The diffusers name for one original parameter name (None if it is not one)."""
+    parts = key.split(".")
+    fixed = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
+             "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+    head, leaf = ".".join(parts[:-1]), parts[-1]
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+
+    def block(kind: str, rest: list[str]) -> str | None:
+        table = _RESNET_NAMES if kind == "resnets" else _ATTN_NAMES
+        if len(rest) != 2:
+            return None
+        name = table.get(rest[0], rest[0] if kind == "resnets" else None)
+        return None if name is None else f"{name}.{rest[1]}"
+
+    if parts[0] == "mid" and len(parts) == 4:
+        where = {"block_1": ("resnets", 0), "attn_1": ("attentions", 0), "block_2": ("resnets", 1)}
+        if parts[1] not in where:
+            return None
+        kind, j = where[parts[1]]
+        inner = block(kind, parts[2:])
+        return inner and f"mid_block.{kind}.{j}.{inner}"
+    if parts[0] in ("down", "up") and len(parts) >= 4 and parts[1].isdigit():
+        level = int(parts[1])
+        prefix = (f"down_blocks.{level}" if parts[0] == "down"
+                  else f"up_blocks.{levels - 1 - level}")
+        if parts[2] in ("downsample", "upsample") and parts[3] == "conv" and len(parts) == 5:
+            return f"{prefix}.{parts[2]}rs.0.conv.{leaf}"
+        if parts[2] in ("block", "attn") and parts[3].isdigit():
+            kind = "resnets" if parts[2] == "block" else "attentions"
+            inner = block(kind, parts[4:])
+            return inner and f"{prefix}.{kind}.{parts[3]}.{inner}"
+    return None
+
+
+def original_to_diffusers(sd: dict, source, sample_size: int | None = None) -> tuple[dict, dict]:
+    """(diffusers UNet2DModel config, renamed state dict) for an original DDPM state dict; the
+    architecture (channels, blocks per level, attention levels) is read from the weights."""
+    if "conv_in.weight" not in sd or not any(k.startswith("down.0.block.0.") for k in sd):
+        sample = ", ".join(sorted(sd)[:3])
+        raise CheckpointError(f"{source}: not an original DDPM checkpoint (no conv_in / down.0.block "
+                              f"weights; it has {sample}, …)")
+    levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down."))
+    blocks = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("down.0.block."))
+    channels = [int(sd[f"down.{i}.block.0.conv1.weight"].shape[0]) for i in range(levels)]
+    attn = [f"down.{i}.attn.0.q.weight" in sd for i in range(levels)]
+    if sample_size is None:
+        sample_size = _GUESSED_SIZE.get(levels, 32)
+    config = {
+        "_class_name": "UNet2DModel", "sample_size": sample_size,
+        "in_channels": int(sd["conv_in.weight"].shape[1]),
+        "out_channels": int(sd["conv_out.weight"].shape[0]),
+        "block_out_channels": channels, "layers_per_block": blocks,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "norm_num_groups": 32, "norm_eps": 1e-6, "freq_shift": 1, "flip_sin_to_cos": False,
+        "downsample_padding": 0, "attention_head_dim": None, "add_attention": "mid.attn_1.q.weight" in sd,
+    }
+    out, unknown = {}, []
+    for key, value in sd.items():
+        name = _original_name(key, levels)
+        if name is None:
+            unknown.append(key)
+            continue
+        if ".attentions." in name and value.ndim == 4 and "group_norm" not in name:
+            value = value[:, :, 0, 0]          # 1×1 convolution → linear layer
+        out[name] = value
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected weights {', '.join(sorted(unknown)[:3])}"
+                              + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else ""))
+    return config, out
 
 
 # ------------------------------------------------------------------ writing

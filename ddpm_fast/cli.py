@@ -23,8 +23,12 @@ EXAMPLES = {
     "train": """examples:
   ddpm-fast train --data digits --out runs/digits --steps 10000
   ddpm-fast train --data images.npz --out runs/mine --steps 50000 --resume
+  ddpm-fast train --data ./photos --image-size 64 --preset 256 --out runs/photos --precision bf16
   torchrun --nproc-per-node 8 -m ddpm_fast.cli train --data images.npz --out runs/big --device cuda""",
     "info": "examples:\n  ddpm-fast info",
+    "convert": """examples:
+  ddpm-fast convert diffusion_cifar10_model/model-790000.ckpt --out ddpm-cifar10-32
+  ddpm-fast convert runs/digits --out digits-pipeline --dtype fp16""",
     "eval": "examples:\n  ddpm-fast eval --terms 1000            # the exact bound, as in the DDPM paper",
     "bench": "examples:\n  ddpm-fast bench --device cpu --batch 8 --steps 10",
 }
@@ -170,30 +174,15 @@ def cmd_progressive(args) -> int:
     return 0
 
 
-def load_image_array(text: str, flag: str):
-    """uint8 images [N, H, W, C] from an .npz (first array) or .npy → model space [N, C, H, W]."""
-    import numpy as np
-    import torch
-
-    path = Path(text)
-    if not path.is_file() or path.suffix not in (".npz", ".npy"):
-        raise UsageError(f"{flag} {path}: expected 'digits' or an existing .npz/.npy file")
-    arr = np.load(path)
-    arr = arr[arr.files[0]] if hasattr(arr, "files") else arr
-    if arr.ndim != 4 or arr.shape[1] != arr.shape[2]:
-        raise UsageError(f"{flag} {path}: expected uint8 images [N, H, W, C], got {arr.shape}")
-    return torch.tensor(arr, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
-
-
 def real_images(args, pipe, count: int):
     """`count` real images in model space: the digits, or the first of an .npz/.npy of uint8."""
-    c = pipe.unet.config
-    if args.images == "digits":
-        from .training import digits_dataset
+    from .data import load_dataset
 
-        data = digits_dataset(c.sample_size)[-count:]
-    else:
-        data = load_image_array(args.images, "--images")[:count]
+    c = pipe.unet.config
+    try:
+        data = load_dataset(args.images, c.sample_size, c.in_channels, split="test")[:count]
+    except ValueError as e:
+        raise UsageError(f"--images: {e}")
     if data.shape[1:] != (c.in_channels, c.sample_size, c.sample_size):
         raise UsageError(f"images are {tuple(data.shape[1:])}, the model needs "
                          f"{(c.in_channels, c.sample_size, c.sample_size)}")
@@ -255,30 +244,60 @@ def cmd_interpolate(args) -> int:
 
 def cmd_train(args) -> int:
     from .checkpoints import save_pretrained
-    from .training import DIGITS_CONFIG, TrainConfig, digits_dataset, train
+    from .data import load_dataset
+    from .training import DIGITS_CONFIG, TrainConfig, train
     from .unet import PRESETS, UNet2DModel
 
     out = Path(args.out)
     if out.exists() and not (args.resume or args.overwrite):
         raise UsageError(f"--out {out} exists (pass --resume to continue or --overwrite)")
-    if args.data == "digits":
-        config, data = DIGITS_CONFIG, digits_dataset(DIGITS_CONFIG.sample_size)
-    else:
-        data = load_image_array(args.data, "--data")
-        config = PRESETS[args.preset] if args.preset else DIGITS_CONFIG
-        config = type(config)(**{**config.__dict__, "sample_size": data.shape[2],
-                                 "in_channels": data.shape[1], "out_channels": data.shape[1]})
+    try:
+        data = load_dataset(args.data, args.image_size, args.channels, split="train")
+    except ValueError as e:
+        raise UsageError(f"--data: {e}")
+    base = PRESETS[args.preset] if args.preset else DIGITS_CONFIG
+    config = type(base)(**{**base.__dict__, "sample_size": data.shape[2], "dropout": args.dropout,
+                           "in_channels": data.shape[1], "out_channels": data.shape[1]})
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    if data.shape[2] % factor:
+        raise UsageError(f"image size {data.shape[2]} is not divisible by {factor}, the model's "
+                         "total downsampling")
     from . import distributed
 
     device = resolve_device(args.device)
     distributed.init_from_env(device)        # under torchrun: one process per GPU / CPU worker
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every)
+                      ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
+                      hflip=args.hflip, precision=args.precision, warmup=args.warmup)
     ema, _ = train(UNet2DModel(config), data, cfg, out_dir=out / "checkpoint",
                    resume=args.resume, device=device)
     if distributed.is_main():
         save_pretrained(ema, out / "pipeline")
         print(f"wrote the EMA model to {out / 'pipeline'} (load it with --model {out / 'pipeline'})")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from .checkpoints import (CheckpointError, atomic_dir, load_scheduler_config, load_unet,
+                              save_pretrained)
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {out} exists (pass --overwrite to replace it)")
+    try:
+        unet = load_unet(args.source, sample_size=args.sample_size)
+        scheduler = load_scheduler_config(args.source)
+    except CheckpointError as e:
+        raise UsageError(str(e))
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    with atomic_dir(out) as tmp:             # the whole folder appears at once, or not at all
+        save_pretrained(unet, tmp, scheduler, dtype=dtype)
+    c = unet.config
+    print(f"wrote {out}: UNet2DModel {c.in_channels}×{c.sample_size}², channels "
+          f"{list(c.block_out_channels)}, {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M "
+          f"parameters ({args.dtype}), scheduler {scheduler.get('variance_type')}")
     return 0
 
 
@@ -294,7 +313,7 @@ def cmd_eval(args) -> int:
     if (c.in_channels, c.sample_size) != (1, 8):
         raise UsageError("eval scores digit models (1×8×8); this model is "
                          f"{c.in_channels}×{c.sample_size}×{c.sample_size}")
-    data = digits_dataset(8)[-args.num:]
+    data = digits_dataset(8, "test")[:args.num]      # held out from the shipped model's training
     data = ((data + 1) * 127.5).round() / 127.5 - 1
     bpd = bits_per_dim(pipe.unet, pipe.schedule, data.to(device), variance=pipe.variance,
                        num_terms=args.terms, generator=torch.Generator(device).manual_seed(args.seed))
@@ -380,20 +399,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = add("from-t", "encode real images to x_t and denoise back, for several t")
     model_args(f)
-    f.add_argument("--images", default="digits", help="'digits' or an .npz/.npy of uint8 [N,H,W,C]")
+    f.add_argument("--images", default="digits", help="'digits' (held-out ones), an .npz/.npy of uint8 [N,H,W,C], or a folder of images")
     f.add_argument("--num", type=positive("--num"), default=4)
     f.add_argument("--t", type=int, nargs="+", default=[250, 500, 750, 999])
     f.set_defaults(func=cmd_from_t)
 
     i = add("interpolate", "interpolate two real images in x_t and denoise")
     model_args(i)
-    i.add_argument("--images", default="digits", help="'digits' or an .npz/.npy of uint8 [N,H,W,C]")
+    i.add_argument("--images", default="digits", help="'digits' (held-out ones), an .npz/.npy of uint8 [N,H,W,C], or a folder of images")
     i.add_argument("--t", type=int, default=500, help="timestep of the interpolation")
     i.add_argument("--steps", type=positive("--steps"), default=7, help="λ values from 0 to 1")
     i.set_defaults(func=cmd_interpolate)
 
     t = add("train", "train a model with L_simple")
-    t.add_argument("--data", default="digits", help="'digits' or an .npz/.npy of uint8 [N,H,W,C]")
+    t.add_argument("--data", default="digits",
+                   help="'digits', an .npz/.npy of uint8 [N,H,W,C], or a folder of PNG/JPEG images")
+    t.add_argument("--image-size", type=positive("--image-size"), default=None,
+                   help="resize folder images to this (default 32; arrays must match it if given)")
+    t.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="1 (grey) or 3 (RGB) for folder images (default 3)")
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype for the U-Net (fp16 uses a gradient scaler)")
+    t.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    t.add_argument("--dropout", type=float, default=0.1)
+    t.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     t.add_argument("--out", required=True, help="run folder (checkpoint/ and pipeline/)")
     t.add_argument("--steps", type=positive("--steps"), default=10000)
     t.add_argument("--batch-size", type=positive("--batch-size"), default=64)
@@ -417,6 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=positive("--steps"), default=1000)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval)
+
+    c = add("convert", "write any supported checkpoint as a diffusers-format pipeline folder")
+    c.add_argument("source", help="an original DDPM checkpoint file (.ckpt/.pt/.pth/.safetensors), "
+                   "a training run folder, or a diffusers folder")
+    c.add_argument("--out", required=True, help="pipeline folder to write")
+    c.add_argument("--sample-size", type=positive("--sample-size"), default=None,
+                   help="image size for original checkpoints (default: guessed from the depth)")
+    c.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_convert)
 
     add("info", "versions, devices and which kernels are built").set_defaults(func=cmd_info)
     add("bench", "run benchmarks/sample_throughput.py (arguments pass through)")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import atomic_dir, atomic_write_bytes
+from .data import digits_dataset  # noqa: F401  (re-exported: the shipped model's data)
 from .sampling import q_sample
 from .schedule import Schedule
 from .unet import UNet2DModel, UNetConfig
@@ -36,30 +37,26 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     hflip: bool = False
+    precision: str = "fp32"         # fp32, bf16 or fp16 autocast (fp16 with a gradient scaler)
     seed: int = 0
     log_every: int = 100
     checkpoint_every: int = 1000
 
 
-def digits_dataset(size: int = 16) -> torch.Tensor:
-    """scikit-learn's 1,797 real 8×8 handwritten digits, scaled to [-1, 1] and resized: [N,1,s,s]."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ValueError("the digits data set needs scikit-learn: pip install scikit-learn") from None
-
-    x = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16.0
-    if size != 8:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return (x.clamp(0, 1) * 2 - 1).contiguous()
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def l_simple(unet, schedule: Schedule, x0: torch.Tensor, generator=None) -> torch.Tensor:
-    """‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖², t uniform over the schedule."""
+def l_simple(unet, schedule: Schedule, x0: torch.Tensor, generator=None,
+             autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖², t uniform over the schedule. With autocast_dtype
+    the U-Net runs under autocast; the noising and the loss stay fp32."""
     b = x0.shape[0]
     t = torch.randint(0, schedule.num_timesteps, (b,), device=x0.device, generator=generator)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-    return F.mse_loss(unet(q_sample(schedule, x0, t, noise), t), noise)
+    x_t = q_sample(schedule, x0, t, noise)
+    with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        eps = unet(x_t, t)
+    return F.mse_loss(eps.float(), noise)
 
 
 @torch.no_grad()
@@ -68,7 +65,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1 - decay)
 
 
-def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig) -> Path:
+def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig,
+                    scaler=None) -> Path:
     """Collective under torchrun (every rank calls it: RNG states are gathered); rank 0 writes."""
     import shutil
 
@@ -87,7 +85,8 @@ def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig) 
                       str(tmp / f"{label}.safetensors"))
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         torch.save({"torch": rng_states}, tmp / "rng.pt")
-        state = {"step": step, "unet_config": model.config.to_dict(), "train": asdict(cfg)}
+        state = {"step": step, "unet_config": model.config.to_dict(), "train": asdict(cfg),
+                 "grad_scaler": scaler.state_dict() if scaler is not None else {}}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     atomic_write_bytes(folder / "latest", name.encode())
     for old in folder.glob("step-*"):          # keep only the checkpoint `latest` names
@@ -101,7 +100,7 @@ def has_checkpoint(folder: Path) -> bool:
     return (folder / "latest").is_file()
 
 
-def load_checkpoint(folder: Path, model, ema, opt) -> int:
+def load_checkpoint(folder: Path, model, ema, opt, scaler=None) -> int:
     from safetensors.torch import load_file
 
     ckpt = folder / (folder / "latest").read_text().strip()
@@ -109,6 +108,8 @@ def load_checkpoint(folder: Path, model, ema, opt) -> int:
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
     opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
     from . import distributed
 
     rank, size = distributed.world()
@@ -130,16 +131,22 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
                          f"({unet.config.in_channels}×{unet.config.sample_size}²)")
     from . import distributed
 
+    if cfg.precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got "
+                         f"{cfg.precision!r}")
     schedule = schedule or Schedule.linear()
     rank, world_size = distributed.world()
     torch.manual_seed(cfg.seed + rank)       # ranks draw different batches, times and noise
     model = unet.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    autocast_dtype = AUTOCAST_DTYPES[cfg.precision]
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.precision == "fp16")
     step = 0
     folder = Path(out_dir) if out_dir else None
     if resume and folder and has_checkpoint(folder):
-        step = load_checkpoint(folder, model, ema, opt)
+        step = load_checkpoint(folder, model, ema, opt, scaler)
         log(f"resumed from {folder} at step {step}")
     # DDP broadcasts rank 0's weights at construction and averages gradients in backward, so
     # every rank's model (and EMA) stays identical; the global batch is world_size × batch_size
@@ -154,11 +161,13 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-        loss = l_simple(net, schedule, x0)
+        loss = l_simple(net, schedule, x0, autocast_dtype=autocast_dtype)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)                 # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         ema_update(ema, model, cfg.ema_decay)
         step += 1
         losses.append(loss.item())
@@ -167,7 +176,7 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
             log(f"step {step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
                 f"({(time.perf_counter() - t0) / step:.3f} s/step)")
         if folder and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            save_checkpoint(folder, model, ema, opt, step, cfg)
+            save_checkpoint(folder, model, ema, opt, step, cfg, scaler)
     return ema, losses
 
 
@@ -176,30 +185,6 @@ DIGITS_CONFIG = UNetConfig(
     layers_per_block=1, norm_num_groups=8,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), dropout=0.1)
-
-
-def main(argv=None) -> None:
-    """python -m ddpm_fast.training OUT_DIR [STEPS]: train the shipped digits model and write its
-    EMA weights (fp16) as a pipeline folder at OUT_DIR/pipeline."""
-    import sys
-
-    from .checkpoints import save_pretrained
-
-    argv = sys.argv[1:] if argv is None else argv
-    out = Path(argv[0])
-    steps = int(argv[1]) if len(argv) > 1 else 10000
-    torch.set_num_threads(1)
-    cfg = TrainConfig(steps=steps, batch_size=64, lr=5e-4, warmup=500, ema_decay=0.999,
-                      seed=0, log_every=500, checkpoint_every=2000)
-    ema, losses = train(UNet2DModel(DIGITS_CONFIG), digits_dataset(DIGITS_CONFIG.sample_size), cfg,
-                        out_dir=out / "checkpoint", resume=True)
-    ema.config.dropout = 0.0   # inference config (dropout is inactive in eval mode anyway)
-    save_pretrained(ema, out / "pipeline", dtype=torch.float16)
-    print(f"final loss {losses[-1]:.4f}; wrote {out / 'pipeline'}" if losses else "nothing to do")
-
-
-if __name__ == "__main__":
-    main()
 
 
 # ---------------------------------------------------------------------- likelihood (bits/dim)
@@ -280,3 +265,27 @@ def bits_per_dim(unet, schedule: Schedule, x0: torch.Tensor, variance: str = "fi
     to_bits = 1 / ln2
     return {"total": (kl + decoder + prior) * to_bits, "prior": prior * to_bits,
             "decoder": decoder * to_bits, "kl": kl * to_bits, "dims": dims}
+
+
+def main(argv=None) -> None:
+    """python -m ddpm_fast.training OUT_DIR [STEPS]: train the shipped digits model and write its
+    EMA weights (fp16) as a pipeline folder at OUT_DIR/pipeline."""
+    import sys
+
+    from .checkpoints import save_pretrained
+
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0])
+    steps = int(argv[1]) if len(argv) > 1 else 10000
+    torch.set_num_threads(1)
+    cfg = TrainConfig(steps=steps, batch_size=64, lr=5e-4, warmup=500, ema_decay=0.999,
+                      seed=0, log_every=500, checkpoint_every=2000)
+    ema, losses = train(UNet2DModel(DIGITS_CONFIG), digits_dataset(DIGITS_CONFIG.sample_size, "train"), cfg,
+                        out_dir=out / "checkpoint", resume=True)
+    ema.config.dropout = 0.0   # inference config (dropout is inactive in eval mode anyway)
+    save_pretrained(ema, out / "pipeline", dtype=torch.float16)
+    print(f"final loss {losses[-1]:.4f}; wrote {out / 'pipeline'}" if losses else "nothing to do")
+
+
+if __name__ == "__main__":
+    main()

@@ -111,5 +111,122 @@ def test_bin_weights_load_safely(tmp_path):
     assert torch.equal(load_unet(tmp_path).conv_in.weight, unet.conv_in.weight)
     # a pickle with arbitrary objects is refused by weights_only loading
     torch.save({"conv_in.weight": object()}, tmp_path / "unet" / "diffusion_pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="cannot load weights safely"):
+    with pytest.raises(CheckpointError, match="refused: it holds pickled objects"):
         load_unet(tmp_path)
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint does."""
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {_RunsCode.marker}",))
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "unet/diffusion_pytorch_model.bin"])
+def test_code_in_a_pickle_is_never_run(tmp_path, folder, name):
+    import pickle
+
+    _RunsCode.marker = tmp_path / "pwned"
+    target = (folder / name) if "/" in name else (tmp_path / name)
+    if "/" in name:
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    target.write_bytes(pickle.dumps({"conv_in.weight": _RunsCode()}))
+    # plain pickle.load would run it; ours refuses with a message that says why
+    with pytest.raises(CheckpointError, match="refused.*could run code"):
+        load_unet(folder if "/" in name else target)
+    assert not _RunsCode.marker.exists()
+
+
+def test_git_lfs_pointer_is_named(folder):
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 1234\n")
+    with pytest.raises(CheckpointError, match="git-lfs pointer"):
+        load_unet(folder)
+
+
+def test_integer_weight_is_refused(folder):
+    _edit_weights(folder, lambda sd: sd.__setitem__("conv_in.bias",
+                                                    torch.zeros_like(sd["conv_in.bias"], dtype=torch.int32)))
+    with pytest.raises(CheckpointError, match="conv_in.bias has dtype torch.int32"):
+        load_unet(folder)
+
+
+def test_truncated_safetensors(folder):
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt safetensors"):
+        load_unet(folder)
+
+
+def test_other_architecture_is_named(tmp_path, folder):
+    torch.manual_seed(0)
+    save_pretrained(UNet2DModel("cifar10"), tmp_path / "big")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
+        (tmp_path / "big" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="unexpected weights|has shape|missing weights"):
+        load_unet(folder)
+
+
+# ------------------------------------------------------------ original DDPM checkpoints
+
+def _original_model(**kw):
+    from original_ddpm import Model
+
+    torch.manual_seed(0)
+    model = Model(**kw).eval()
+    with torch.no_grad():
+        for p in model.parameters():       # non-trivial norms and biases too
+            p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("kw,wrap", [
+    (dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_levels=(1,)), "plain"),
+    (dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(0, 1), in_ch=1), "ddim_list"),
+    (dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_levels=(2,)), "ddp_module"),
+])
+def test_original_checkpoint_converts_exactly(tmp_path, kw, wrap):
+    model = _original_model(**kw)
+    sd = model.state_dict()
+    obj = {"plain": sd, "ddim_list": [sd, {"step": 1}],
+           "ddp_module": {f"module.{k}": v for k, v in sd.items()}}[wrap]
+    torch.save(obj, tmp_path / "model.ckpt")
+    ours = load_unet(tmp_path / "model.ckpt", sample_size=16)
+    x = torch.randn(2, kw.get("in_ch", 3), 16, 16)
+    t = torch.tensor([0, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t), model(x, t), rtol=1e-5, atol=1e-6)
+    assert load_scheduler_config(tmp_path / "model.ckpt")["variance_type"] == "fixed_large"
+
+
+def test_original_cifar10_layout_guesses_32px():
+    from ddpm_fast.checkpoints import original_to_diffusers
+
+    sd = _original_model(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,)).state_dict()
+    config, converted = original_to_diffusers(sd, "cifar10.ckpt")
+    assert config["sample_size"] == 32
+    assert config["block_out_channels"] == [128, 256, 256, 256]
+    assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                          "DownBlock2D"]
+    ours = UNet2DModel(config)
+    assert set(ours.state_dict()) == set(converted)
+    assert sum(v.numel() for v in converted.values()) == 35_746_307     # the paper's 35.7 M
+
+
+def test_not_an_original_checkpoint(tmp_path):
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an original DDPM checkpoint"):
+        load_unet(tmp_path / "other.pt")
+
+
+def test_training_run_folder_loads_ema(tmp_path):
+    from ddpm_fast.training import DIGITS_CONFIG, TrainConfig, digits_dataset, train
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=2, batch_size=4, log_every=0, checkpoint_every=2)
+    ema, _ = train(UNet2DModel(DIGITS_CONFIG), digits_dataset(8)[:16], cfg,
+                   out_dir=tmp_path / "run" / "checkpoint", log=lambda *_: None)
+    loaded = load_unet(tmp_path / "run")
+    for (k, a), b in zip(ema.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k

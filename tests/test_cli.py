@@ -80,6 +80,38 @@ def test_train_then_sample(tmp_path, capsys):
     assert code == 0, err
 
 
+def test_train_on_image_folder_bf16(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for i in range(6):      # different sizes and formats: centre-cropped and resized to 16×16
+        im = Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8))
+        im.save(tmp_path / "imgs" / ("sub" if i % 2 else "") / f"{i}.{'jpg' if i % 3 else 'png'}")
+    code, _, err = run(capsys, "train", "--data", tmp_path / "imgs", "--image-size", 16,
+                       "--preset", "tiny", "--precision", "bf16", "--hflip", "--steps", 2,
+                       "--batch-size", 2, "--out", tmp_path / "run", "--device", "cpu")
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "pipeline" / "unet" / "config.json").read_text())
+    assert (config["sample_size"], config["in_channels"]) == (16, 3)
+
+
+def test_convert_original_checkpoint_then_sample(tmp_path, capsys):
+    from original_ddpm import Model
+
+    torch.manual_seed(0)
+    torch.save(Model(ch=32, ch_mult=(1, 2), in_ch=1).state_dict(), tmp_path / "orig.ckpt")
+    code, out, err = run(capsys, "convert", tmp_path / "orig.ckpt", "--sample-size", 8,
+                         "--out", tmp_path / "conv", "--dtype", "fp16")
+    assert code == 0, err
+    assert "fixed_large" in out
+    assert (tmp_path / "conv" / "model_index.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp folder left
+    code, _, err = run(capsys, "sample", "--model", tmp_path / "conv", "--num", 2, "--steps", 2,
+                       "--out", tmp_path / "c.png")
+    assert code == 0, err
+    code, _, err = run(capsys, "convert", tmp_path / "orig.ckpt", "--out", tmp_path / "conv")
+    assert code == 2 and "--overwrite" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--model", "/nonexistent", "--out", "{tmp}/a.png"], "does not exist"),
     (["sample", "--num", "0", "--out", "{tmp}/a.png"], "--num must be a positive integer"),
@@ -87,7 +119,9 @@ def test_train_then_sample(tmp_path, capsys):
     (["sample", "--out", "{tmp}/a.jpg"], "use .png"),
     (["sample", "--steps", "5000", "--out", "{tmp}/a.png"], "exceeds"),
     (["sample", "--device", "cuda:0", "--out", "{tmp}/a.png"], None),
-    (["train", "--data", "{tmp}/missing.npz", "--out", "{tmp}/r"], "expected 'digits'"),
+    (["train", "--data", "{tmp}/missing.npz", "--out", "{tmp}/r"], "not 'digits'"),
+    (["train", "--data", "{tmp}", "--out", "{tmp}/r"], "no images"),
+    (["convert", "{tmp}/missing.ckpt", "--out", "{tmp}/c"], "does not exist"),
 ])
 def test_bad_arguments_one_line_exit_2(tmp_path, capsys, model_dir, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
