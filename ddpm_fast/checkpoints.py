@@ -299,11 +299,18 @@ def original_to_diffusers(sd: dict, source, sample_size: int | None = None) -> t
 
 # ------------------------------------------------------------------ writing
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())     # mkstemp's 0600 would hide outputs from others
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -321,8 +328,9 @@ def atomic_dir(path: Path):
     failure it is removed. Readers see the old folder or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if path.exists():
             shutil.rmtree(path)

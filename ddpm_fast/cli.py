@@ -13,7 +13,9 @@ EXAMPLES = {
   ddpm-fast sample --out digits.png                      # 64 digits from the shipped model
   ddpm-fast sample --model ./ddpm-cifar10-32 --num 16 --out grid.png --device cuda
   ddpm-fast sample --num 1000 --batch-size 250 --out samples.npz --mode fast --seed 1
-  ddpm-fast sample --sampler ddim --steps 50 --out ddim.png""",
+  ddpm-fast sample --sampler ddim --steps 50 --out ddim.png
+  torchrun --nproc-per-node 8 -m ddpm_fast.cli sample --model ./ddpm-cifar10-32 \\
+      --seeds 0-49999 --batch-size 256 --out cifar50k.npz --device cuda   # rerun to resume""",
     "progressive": """examples:
   ddpm-fast progressive --out progressive.png --num 4 --every 100""",
     "from-t": """examples:
@@ -66,7 +68,25 @@ def check_output(path: Path, overwrite: bool, suffixes=(".png", ".npz", "")) -> 
         raise UsageError(f"--out {path}: use .png (grid), .npz (arrays) or a folder name")
     if path.exists() and not overwrite:
         raise UsageError(f"--out {path} exists (pass --overwrite to replace it)")
+    check_writable(path.parent)
     return path
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work if outputs could not be created under `folder` (or the nearest part
+    of it that exists: missing folders are created when writing)."""
+    import tempfile
+
+    existing = folder.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot write under {folder}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write under {folder}: {e.strerror or e}")
 
 
 def resolve_device(name: str):
@@ -110,39 +130,92 @@ def progress_bar(total: int, images: int, desc: str):
 
 # ---------------------------------------------------------------------- subcommands
 
-def cmd_sample(args) -> int:
+def write_images(out: Path, u8, seeds: list[int], args, steps: int) -> None:
+    """The final output, atomically: a PNG grid, an .npz (uint8 NHWC, as FID tools read it, with
+    the seeds), or a folder with one PNG per seed named by it."""
     import numpy as np
 
     from . import images as io
 
-    out = check_output(Path(args.out), args.overwrite)
+    suffix = out.suffix.lower()
+    if suffix == ".png":
+        io.save_png(out, io.make_grid(u8, scale=args.scale))
+    elif suffix == ".npz":
+        io.save_npz(out, images=u8, seeds=np.asarray(seeds, np.int64), seed=np.int64(args.seed),
+                    steps=np.int64(steps))
+    else:
+        io.save_folder(out, u8, names=[f"{s:06d}.png" for s in seeds])
+
+
+def cmd_sample(args) -> int:
+    import os
+
+    import numpy as np
+
+    from . import distributed
+    from . import images as io
+
+    out = Path(args.out)
+    try:
+        seeds = distributed.parse_seeds(args.seeds) if args.seeds else list(range(args.num))
+    except ValueError as e:
+        raise UsageError(f"--{e}")
+    # resumable shards for explicit seed lists and multi-process runs; plain runs stay in memory
+    sharded = args.seeds is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    parts = out.with_name(out.name + ".parts")
+    resuming = sharded and (parts / "run.json").is_file()
+    check_output(out, args.overwrite or resuming)
     device = resolve_device(args.device)
     pipe = load_pipeline(args, device)
     steps = args.steps or (50 if args.sampler == "ddim" else pipe.schedule.num_timesteps)
     if steps > pipe.schedule.num_timesteps:
         raise UsageError(f"--steps {steps} exceeds the model's {pipe.schedule.num_timesteps} "
                          "timesteps")
-    batch = min(args.batch_size, args.num)
-    chunks, done = [], 0
-    total_steps = steps * -(-args.num // batch)
-    bar, update = progress_bar(total_steps, args.num, "sampling")
-    with bar:
-        while done < args.num:
-            n = min(batch, args.num - done)
-            x = pipe(batch_size=n, seed=args.seed, first_image=done, num_inference_steps=steps,
-                     output_type="pt", sampler=args.sampler, eta=args.eta,
-                     variance=args.variance, progress=update).images
-            chunks.append((x * 2 - 1).cpu())   # back to model space for to_uint8
-            done += n
-    u8 = io.to_uint8(__import__("torch").cat(chunks))
-    suffix = out.suffix.lower()
-    if suffix == ".png":
-        io.save_png(out, io.make_grid(u8, scale=args.scale))
-    elif suffix == ".npz":
-        io.save_npz(out, images=u8, seed=np.int64(args.seed), steps=np.int64(steps))
+    store = None
+    if sharded:
+        c = pipe.unet.config
+        settings = {"model": str(Path(args.model).resolve()) if args.model else "default",
+                    "mode": args.mode, "sampler": args.sampler, "steps": steps, "eta": args.eta,
+                    "variance": args.variance or pipe.variance, "seed": args.seed,
+                    "image": [c.sample_size, c.sample_size, c.in_channels]}
+        store = distributed.ShardStore(parts, settings)
+        try:
+            store.check(args.overwrite)
+        except ValueError as e:
+            raise UsageError(str(e))
+        distributed.init_from_env(device)
+        if distributed.is_main():
+            store.create(args.overwrite)
+        distributed.barrier()
+        work = distributed.my_shards(seeds, store, args.shard_size)
     else:
-        io.save_folder(out, u8)
-    print(f"wrote {args.num} images to {out}")
+        work = [seeds]
+    runs = sum(len(distributed.contiguous_runs(w, args.batch_size)) for w in work)
+    rank, size = distributed.world()
+    bar, update = progress_bar(steps * runs, sum(map(len, work)),
+                               "sampling" if size == 1 else f"sampling (rank {rank}/{size})")
+
+    def sample_batch(first: int, count: int):
+        x = pipe(batch_size=count, seed=args.seed, first_image=first, num_inference_steps=steps,
+                 output_type="pt", sampler=args.sampler, eta=args.eta, variance=args.variance,
+                 progress=update).images
+        return io.to_uint8(x * 2 - 1)        # back to model space for to_uint8
+
+    with bar:
+        if store is None:
+            u8 = np.concatenate([sample_batch(f, n) for f, n in
+                                 distributed.contiguous_runs(seeds, args.batch_size)])
+        else:
+            fault = os.environ.get("DDPM_FAST_TEST_KILL_AFTER_SHARDS")
+            distributed.sample_to_shards(sample_batch, work, store, args.batch_size,
+                                         int(fault) if fault and rank == size - 1 else None)
+    if store is not None:
+        distributed.barrier()
+        if not distributed.is_main():
+            return 0
+        u8 = store.collect(seeds)
+    write_images(out, u8, seeds, args, steps)
+    print(f"wrote {len(seeds)} images to {out}" + (f" (shards in {parts})" if store else ""))
     return 0
 
 
@@ -380,8 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("sample", "generate images")
     model_args(s)
-    s.add_argument("--num", type=positive("--num"), default=64)
+    s.add_argument("--num", type=positive("--num"), default=64,
+                   help="images with seeds 0..num-1 (default 64)")
+    s.add_argument("--seeds", default=None,
+                   help="per-image seeds like 0-49999 or 0-9,20 (instead of --num): resumable, "
+                   "written in shards to OUT.parts/ and merged at the end")
     s.add_argument("--batch-size", type=positive("--batch-size"), default=64)
+    s.add_argument("--shard-size", type=positive("--shard-size"), default=256,
+                   help="images per shard file with --seeds / under torchrun (default 256)")
     s.add_argument("--steps", type=positive("--steps"), default=None,
                    help="sampling steps (default: all timesteps for ddpm, 50 for ddim)")
     s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")

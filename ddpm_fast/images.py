@@ -53,8 +53,10 @@ def save_npz(path: Path, **arrays) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def save_folder(path: Path, images: np.ndarray, first_index: int = 0) -> None:
-    """One PNG per image, written into a temporary folder that is renamed into place."""
+def save_folder(path: Path, images: np.ndarray, names=None) -> None:
+    """One PNG per image (named 000000.png, … or by `names`), written into a temporary folder
+    that is renamed into place."""
+    names = names or [f"{i:06d}.png" for i in range(len(images))]
     with atomic_dir(path) as tmp:
-        for i, im in enumerate(images):
-            (tmp / f"{first_index + i:06d}.png").write_bytes(png_bytes(im))
+        for name, im in zip(names, images):
+            (tmp / name).write_bytes(png_bytes(im))
