@@ -316,9 +316,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:      # say which file could not be written
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
         raise
 
 

@@ -557,11 +557,16 @@ def main(argv=None) -> int:
     if getattr(args, "seed", 0) < 0:
         print("ddpm-fast: error: --seed must be non-negative", file=sys.stderr)
         return 2
+    from .sampling import NonFiniteError
+
     try:
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"ddpm-fast: error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, OSError) as e:     # a diverging model, a full disk: not bad input
+        print(f"ddpm-fast: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

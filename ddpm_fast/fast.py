@@ -19,6 +19,7 @@ import torch
 from .ops.backend import triton_available
 from .ops.ddpm_step import ddpm_step_out
 from .ops.philox import key_tensor, philox_normal
+from .sampling import WATCH_EVERY, check_finite
 from .unet import UNet2DModel
 
 
@@ -145,8 +146,10 @@ class FastRunner:
                                    key_tensor(seed, first_image, self.device), clip)
         state["x"].copy_(x_T)
         state["step"].zero_()
-        for _ in range(len(timesteps)):
+        for i in range(len(timesteps)):
             run()
+            if (i + 1) % WATCH_EVERY == 0 or i == len(timesteps) - 1:
+                check_finite(state["x"], i, timesteps[i], first_image)
             if progress is not None:
                 progress(1)
         return state["x"].clone()

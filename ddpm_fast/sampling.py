@@ -20,6 +20,25 @@ from .schedule import SIGMA, Schedule
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# How often the loops look for NaN/Inf: one host sync per this many steps, and at the end.
+WATCH_EVERY = 50
+
+
+class NonFiniteError(RuntimeError):
+    """Sampling produced NaN or Inf; the message names the step and the images."""
+
+
+def check_finite(x: torch.Tensor, step: int, t: int, first_image: int = 0) -> None:
+    """Raise NonFiniteError if any image of x holds NaN/Inf (one host sync)."""
+    bad = ~torch.isfinite(x).flatten(1).all(1)
+    if bool(bad.any()):
+        images = (bad.nonzero().flatten() + first_image).tolist()
+        shown = ", ".join(map(str, images[:8])) + (f" (+{len(images) - 8} more)" if len(images) > 8
+                                                    else "")
+        raise NonFiniteError(f"sampling diverged: NaN/Inf by step {step} (t = {t}) in images "
+                             f"{shown}; nothing was written for this batch")
+
+
 @dataclass
 class SampleOutput:
     images: torch.Tensor                      # x_0 in [-1, 1] (unclamped model space), float32
@@ -83,6 +102,8 @@ def sample_loop(model: Model, table: torch.Tensor, timesteps: Sequence[int], noi
         if intermediates_every and (i % intermediates_every == 0 or i == len(timesteps) - 1):
             out.intermediates.append((t, x.cpu(), predict_x0(x, eps, table[i], clip).cpu()))
         x = ddpm_step(x, eps, table, steps[i:i + 1], noise.key, z, clip)
+        if (i + 1) % WATCH_EVERY == 0 or i == len(timesteps) - 1:
+            check_finite(x, i, t, noise.first_image)
         if progress is not None:
             progress(1)
     out.images = x
@@ -127,6 +148,8 @@ def denoise_from(model: Model, schedule: Schedule, x_t: torch.Tensor, t: int, *,
                  ) -> torch.Tensor:
     """Run the reverse process from a given x_t at timestep t down to x_0 (t = −1 returns x_t).
     The DDPM paper's "samples from different time steps" and interpolation figures use this."""
+    if not -1 <= t < schedule.num_timesteps:
+        raise ValueError(f"timestep {t} is outside [0, {schedule.num_timesteps})")
     if t < 0:
         return x_t
     timesteps = list(range(t, -1, -1))

@@ -383,7 +383,28 @@ class UNet2DModel(nn.Module):
                                  self.config.flip_sin_to_cos, self.config.freq_shift)
         return self.time_embedding(emb.to(self.dtype))
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """ValueError naming the problem with x: rank, channels, dtype, device, or a size the
+        down/up-sampling cannot round-trip. Shape-only checks: free under torch.compile."""
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"U-Net input must be [batch, {c.in_channels}, H, W], got {shape}")
+        if x.shape[1] != c.in_channels:
+            raise ValueError(f"U-Net input has {x.shape[1]} channels, the model takes "
+                             f"{c.in_channels} (input shape {tuple(x.shape)})")
+        if not x.is_floating_point():
+            raise ValueError(f"U-Net input must be a floating-point tensor, got {x.dtype}")
+        factor = 2 ** (len(c.block_out_channels) - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"U-Net input size {x.shape[2]}×{x.shape[3]} is not divisible by "
+                             f"{factor}, the model's total downsampling")
+        device = self.conv_in.weight.device
+        if x.device != device:
+            raise ValueError(f"U-Net input is on {x.device}, the model on {device}")
+
     def forward(self, x: torch.Tensor, t, temb: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x)
         if self.config.center_input_sample:
             x = 2 * x - 1.0
         if temb is None:
