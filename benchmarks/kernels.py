@@ -21,12 +21,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.sample_throughput import environment, write_json  # noqa: E402
-from ddpm_fast.ops import ddpm_step, group_norm  # noqa: E402
+from ddpm_fast.ops import attention, attention_reference, ddpm_step, group_norm  # noqa: E402
 from ddpm_fast.ops.backend import native_available, triton_available, use_backend  # noqa: E402
 from ddpm_fast.ops.philox import key_tensor  # noqa: E402
 from ddpm_fast.schedule import Schedule  # noqa: E402
 
 GN_SHAPES = [(128, 32), (256, 16), (256, 8), (256, 4), (512, 16)]   # (C, H=W) of the CIFAR U-Net
+# (D = C, H=W) of the attention layers: CIFAR 16×16 and mid 4×4; the 256-px model's 16×16 at C=512
+ATTN_SHAPES = [(256, 16), (256, 4), (512, 16), (512, 8)]
 
 
 def bench(fn, device, reps):
@@ -96,6 +98,22 @@ def main(argv=None):
                              "torch_ms": t_torch * 1e3, "speedup": t_torch / t,
                              "max_abs_diff_vs_torch": err})
                 print(json.dumps(rows[-1]), flush=True)
+        # attention: the Triton kernel against torch's SDPA (GPU only: interpreting is not timing)
+        for d, hw in ATTN_SHAPES if "triton" in providers else []:
+            q, k, v = (torch.randn(batch, hw * hw, d, device=device).to(dtype) for _ in range(3))
+
+            def sdpa():
+                return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])
+
+            t_torch = bench(sdpa, device, reps)
+            with use_backend("triton"):
+                got = attention(q, k, v, d ** -0.5)
+                t = bench(lambda: attention(q, k, v, d ** -0.5), device, reps)
+            err = (got.float() - attention_reference(q, k, v, d ** -0.5).float()).abs().max().item()
+            rows.append({"op": "attention", "batch": batch, "C": d, "HW": hw, "dtype": str(dtype),
+                         "provider": "triton", "ms": t * 1e3, "torch_ms": t_torch * 1e3,
+                         "speedup": t_torch / t, "max_abs_diff_vs_fp32": err})
+            print(json.dumps(rows[-1]), flush=True)
         # sampler step: x̂0, clip, mean, + σ·Philox noise (torch: the same math as separate ops)
         s = Schedule.linear()
         table = s.step_table(s.timesteps(), "fixed_large", device)

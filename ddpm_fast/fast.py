@@ -1,8 +1,9 @@
 """The fast runner: the same sampler as sampling.py, run as fast as the device allows.
 
 - Weights cast once (bf16 on GPU by default, fp32 on CPU); the sampler state x_t stays fp32.
-- Time path precomputed: the time MLP depends on t only, so its output for every step of the run
-  is one table; a step reads its row by a device-side step index.
+- Time path precomputed: the time MLP and every ResBlock's time projection depend on t only, so
+  their outputs for every step of the run are one table [steps, Σ channels]; a step reads its
+  row by a device-side step index (22 small GEMMs per step fewer on the CIFAR model).
 - The sampler update is the fused ddpm_step op with in-kernel Philox noise keyed by
   (seed, image index): no host arithmetic, no host random numbers.
 - On CUDA one step (U-Net + update + step-index increment) is captured once per batch shape as a
@@ -20,7 +21,7 @@ from .ops.backend import triton_available
 from .ops.ddpm_step import ddpm_step_out
 from .ops.philox import key_tensor, philox_normal
 from .sampling import WATCH_EVERY, check_finite
-from .unet import UNet2DModel
+from .unet import TimeProjections, UNet2DModel
 
 
 class FastRunner:
@@ -52,14 +53,15 @@ class FastRunner:
     # ------------------------------------------------------------------ tables
     @torch.no_grad()
     def time_table(self, timesteps: Sequence[int]) -> torch.Tensor:
-        """The time MLP output for each timestep of a run: [steps, 4·C0], in the model dtype."""
+        """Every ResBlock's time projection for each timestep of a run: [steps, Σ out_ch], in
+        the model dtype."""
         t = torch.tensor(list(timesteps), dtype=torch.int64, device=self.device)
-        return self.unet.time_embed(t, len(timesteps))
+        return self.unet.time_projections(self.unet.time_embed(t, len(timesteps))).rows
 
     # ------------------------------------------------------------------ one step
     def _step(self, state: dict) -> None:
         x, step = state["x"], state["step"]
-        temb = state["temb"].index_select(0, step)               # [1, 4·C0], broadcast
+        temb = TimeProjections(state["temb"].index_select(0, step))   # [1, Σ C], broadcast
         # one kernel: cast to the model dtype straight into the model's memory format
         inp = x.to(dtype=self.dtype, memory_format=self.memory_format)
         eps = self.model(inp, None, temb=temb)
@@ -85,9 +87,9 @@ class FastRunner:
         """A captured step for this batch shape; tables and key are copied into its buffers."""
         cache_key = (batch, num_steps, clip, self.dtype)
         if cache_key not in self._graphs:
-            temb_ch = self.unet.config.block_out_channels[0] * 4
+            width = sum(b.time_emb_proj.out_features for b in self.unet.resnets())
             state = self._state(batch, torch.zeros(num_steps, 8, device=self.device),
-                                torch.zeros(num_steps, temb_ch, device=self.device,
+                                torch.zeros(num_steps, width, device=self.device,
                                             dtype=self.dtype),
                                 torch.zeros(2, dtype=torch.int64, device=self.device), clip)
             side = torch.cuda.Stream(self.device)

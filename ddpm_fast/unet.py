@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +154,13 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class TimeProjections(NamedTuple):
+    """Every ResBlock's time projection for one timestep, concatenated: [1 or B, Σ out_ch].
+    They depend on t alone, so the fast runner builds a table of them per run and passes one row
+    instead of the time embedding (UNet2DModel.time_projections)."""
+    rows: torch.Tensor
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm → SiLU → conv → + time projection → GroupNorm → SiLU → dropout → conv, + skip."""
 
@@ -168,11 +175,18 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
         self.output_scale_factor = output_scale_factor
         self.fused = False
+        self.proj_offset = 0        # where this block's columns sit in TimeProjections.rows
+
+    def time_projection(self, temb) -> torch.Tensor:
+        if isinstance(temb, TimeProjections):
+            n = self.time_emb_proj.out_features
+            return temb.rows[:, self.proj_offset:self.proj_offset + n]
+        return self.time_emb_proj(F.silu(temb))
 
     def forward(self, x, temb):
         h = self.conv1(norm_act(self.norm1, x, True, self.fused))
         # the time projection is added before norm2: the fused op takes it as `add`
-        h = norm_act(self.norm2, h, True, self.fused, add=self.time_emb_proj(F.silu(temb)))
+        h = norm_act(self.norm2, h, True, self.fused, add=self.time_projection(temb))
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -358,6 +372,18 @@ class UNet2DModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
         self.kernels = "reference"
+        offset = 0
+        for block in self.resnets():
+            block.proj_offset = offset
+            offset += block.time_emb_proj.out_features
+
+    def resnets(self) -> list:
+        return [m for m in self.modules() if isinstance(m, ResnetBlock2D)]
+
+    def time_projections(self, temb: torch.Tensor) -> TimeProjections:
+        """Every ResBlock's time projection of `temb` (time_embed's output), concatenated."""
+        return TimeProjections(torch.cat([b.time_emb_proj(F.silu(temb)) for b in self.resnets()],
+                                         dim=1))
 
     def set_kernels(self, kernels: str) -> "UNet2DModel":
         """"reference": torch ops (bit-compatible with diffusers); "fused": ddpm_fast.ops
@@ -409,7 +435,10 @@ class UNet2DModel(nn.Module):
         if x.device != device:
             raise ValueError(f"U-Net input is on {x.device}, the model on {device}")
 
-    def forward(self, x: torch.Tensor, t, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, temb: torch.Tensor | TimeProjections | None = None
+                ) -> torch.Tensor:
+        """ε̂ for x at timesteps t; `temb` (time_embed's output, or all the ResBlocks' projections
+        of it) replaces t when given."""
         self.check_input(x)
         if self.config.center_input_sample:
             x = 2 * x - 1.0

@@ -37,8 +37,8 @@ inline float exp_approx(float x) {
 }
 
 // The common case, fp32 NCHW-contiguous: plain pointer loops that the compiler vectorises,
-// cloned for AVX2 (picked at load time on CPUs that have it; the default is SSE2).
-__attribute__((target_clones("avx2", "default")))
+// cloned for AVX-512 and AVX2 (the best one is picked at load time; the default is SSE2).
+__attribute__((target_clones("avx512f", "avx2", "default")))
 void group_norm_nchw_f32(const GroupNormArgs& a) {
   const int64_t cpg = a.c / a.groups, hw = a.h * a.w, count = cpg * hw;
   const float* x = static_cast<const float*>(a.x);
