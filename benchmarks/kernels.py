@@ -56,6 +56,29 @@ def bench(fn, device, reps):
     return statistics.median(times)
 
 
+def bench_group_norm(x, w, b, add, dtype, providers, device, reps) -> list[dict]:
+    """GroupNorm(+add)+SiLU: each provider against torch's ops on the same input."""
+    wd, bd = w.to(dtype), b.to(dtype)
+    addd = None if add is None else add.to(dtype)[:, :, None, None]
+
+    def torch_fn():
+        return F.silu(F.group_norm(x if addd is None else x + addd, 32, wd, bd, 1e-6))
+
+    t_torch = bench(torch_fn, device, reps)
+    rows = []
+    for prov in providers:
+        with use_backend(prov):
+            got = group_norm(x, w, b, 32, 1e-6, True, add)
+            err = (got.float() - torch_fn().float()).abs().max().item()
+            t = bench(lambda: group_norm(x, w, b, 32, 1e-6, True, add), device, reps)
+        rows.append({"op": "group_norm_silu" + ("_add" if add is not None else ""),
+                     "batch": x.shape[0], "C": x.shape[1], "HW": x.shape[2], "dtype": str(dtype),
+                     "provider": prov, "ms": t * 1e3, "torch_ms": t_torch * 1e3,
+                     "speedup": t_torch / t, "max_abs_diff_vs_torch": err})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -67,7 +90,7 @@ def main(argv=None):
     device = torch.device(args.device)
     batches = args.batch or ([1, 64, 256] if device.type == "cuda" else [1, 8])
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    reps = args.reps or (100 if device.type == "cuda" else 20)
+    reps = args.reps or (100 if device.type == "cuda" else 100)
     providers = [b for b in ("native", "triton") if
                  (native_available(device) if b == "native" else
                   device.type == "cuda" and triton_available(device))]
@@ -81,23 +104,8 @@ def main(argv=None):
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             w, b = torch.randn(c, device=device), torch.randn(c, device=device)
-            add = torch.randn(batch, c, device=device)
-            wd, bd, addd = w.to(dtype), b.to(dtype), add.to(dtype)
-
-            def torch_fn():
-                return F.silu(F.group_norm(x + addd[:, :, None, None], 32, wd, bd, 1e-6))
-
-            t_torch = bench(torch_fn, device, reps)
-            for prov in providers:
-                with use_backend(prov):
-                    got = group_norm(x, w, b, 32, 1e-6, True, add)
-                    err = (got.float() - torch_fn().float()).abs().max().item()
-                    t = bench(lambda: group_norm(x, w, b, 32, 1e-6, True, add), device, reps)
-                rows.append({"op": "group_norm_silu_add", "batch": batch, "C": c, "HW": hw,
-                             "dtype": str(dtype), "provider": prov, "ms": t * 1e3,
-                             "torch_ms": t_torch * 1e3, "speedup": t_torch / t,
-                             "max_abs_diff_vs_torch": err})
-                print(json.dumps(rows[-1]), flush=True)
+            for add in (torch.randn(batch, c, device=device), None):
+                rows += bench_group_norm(x, w, b, add, dtype, providers, device, reps)
         # attention: the Triton kernel against torch's SDPA (GPU only: interpreting is not timing)
         for d, hw in ATTN_SHAPES if "triton" in providers else []:
             q, k, v = (torch.randn(batch, hw * hw, d, device=device).to(dtype) for _ in range(3))

@@ -13,6 +13,10 @@
 namespace ddpm_fast {
 namespace {
 
+// Below this many elements one thread finishes before a parallel region would have woken the
+// others (a fork/join costs several microseconds), so the smallest maps run serially.
+constexpr int64_t kParallelMin = 1 << 13;
+
 // exp for the SiLU, branch-free so `omp simd` loops vectorise (libm's expf does not):
 // e^x = 2^n · e^r with n = round(x / ln 2), |r| ≤ ln 2 / 2, e^r by a degree-6 Taylor/Horner
 // polynomial (relative error < 2e-7 on that interval).
@@ -36,6 +40,37 @@ inline float exp_approx(float x) {
   return p * scale;
 }
 
+constexpr int64_t kChunk = 1024;   // float partial sums stay exact enough over this many
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+double chunked_sum(const float* p, int64_t n) {
+  double total = 0.0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t end = std::min(n, i0 + kChunk);
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = i0; i < end; ++i) s += p[i];
+    total += s;
+  }
+  return total;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+double chunked_squared_deviation(const float* p, int64_t n, float centre) {
+  double total = 0.0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t end = std::min(n, i0 + kChunk);
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = i0; i < end; ++i) {
+      const float d = p[i] - centre;
+      s += d * d;
+    }
+    total += s;
+  }
+  return total;
+}
+
 // The common case, fp32 NCHW-contiguous: plain pointer loops that the compiler vectorises,
 // cloned for AVX-512 and AVX2 (the best one is picked at load time; the default is SSE2).
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -43,32 +78,24 @@ void group_norm_nchw_f32(const GroupNormArgs& a) {
   const int64_t cpg = a.c / a.groups, hw = a.h * a.w, count = cpg * hw;
   const float* x = static_cast<const float*>(a.x);
   float* out = static_cast<float*>(a.out);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (a.n * a.c * hw >= kParallelMin)
   for (int64_t task = 0; task < a.n * a.groups; ++task) {
     const int64_t n = task / a.groups, g = task % a.groups;
     const int64_t c0 = g * cpg;
-    // two passes; per-channel float partials (vectorised), summed across channels in double
-    double sum = 0.0;
-    for (int64_t k = 0; k < cpg; ++k) {
-      const float* src = x + (n * a.c + c0 + k) * hw;
-      const float shift = a.add ? a.add[n * a.c + c0 + k] : 0.0f;
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t p = 0; p < hw; ++p) s += src[p];
-      sum += static_cast<double>(s) + static_cast<double>(shift) * hw;
-    }
+    // two passes over the group, which is one contiguous block in NCHW: sum, then the sum of
+    // squared deviations (float partials over 1024-element chunks, merged in double). With a
+    // per-channel add the deviations differ per channel, so that pass walks the channels.
+    const float* block = x + (n * a.c + c0) * hw;
+    double sum = chunked_sum(block, count);
+    if (a.add)
+      for (int64_t k = 0; k < cpg; ++k) sum += static_cast<double>(a.add[n * a.c + c0 + k]) * hw;
     const float mean = static_cast<float>(sum / count);
     double m2 = 0.0;
-    for (int64_t k = 0; k < cpg; ++k) {
-      const float* src = x + (n * a.c + c0 + k) * hw;
-      const float centre = mean - (a.add ? a.add[n * a.c + c0 + k] : 0.0f);
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t p = 0; p < hw; ++p) {
-        const float d = src[p] - centre;
-        s += d * d;
-      }
-      m2 += s;
+    if (!a.add) {
+      m2 = chunked_squared_deviation(block, count, mean);
+    } else {
+      for (int64_t k = 0; k < cpg; ++k)
+        m2 += chunked_squared_deviation(block + k * hw, hw, mean - a.add[n * a.c + c0 + k]);
     }
     const float rstd = static_cast<float>(1.0 / std::sqrt(m2 / count + a.eps));
     for (int64_t k = 0; k < cpg; ++k) {
@@ -105,7 +132,7 @@ void group_norm_cpu(const GroupNormArgs& a) {
     return;
   }
   const int64_t cpg = a.c / a.groups, hw = a.h * a.w, count = cpg * hw;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (a.n * a.c * hw >= kParallelMin)
   for (int64_t task = 0; task < a.n * a.groups; ++task) {
     const int64_t n = task / a.groups, g = task % a.groups;
     std::vector<float> v(count);
