@@ -75,11 +75,12 @@ def test_one_vs_two_processes_identical(tmp_path):
 
 
 def test_batch_size_does_not_change_images(tmp_path):
-    _launch(1, tmp_path / "b2.npz", "0-7", 2)
-    _launch(1, tmp_path / "b8.npz", "0-7", 8)
-    a, b = np.load(tmp_path / "b2.npz")["images"], np.load(tmp_path / "b8.npz")["images"]
-    # the same noise per image; batched convolutions may round differently in the last bit
-    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    _launch(1, tmp_path / "b8.npz", "0-127", 8)
+    _launch(1, tmp_path / "b64.npz", "0-127", 64)
+    a, b = np.load(tmp_path / "b8.npz")["images"], np.load(tmp_path / "b64.npz")["images"]
+    # the same noise per image, and on this CPU the convolutions round the same at any batch
+    # size (measured byte-identical; a GPU may pick other algorithms per batch shape)
+    assert np.array_equal(a, b)
 
 
 def test_killed_rank_then_rerun_equals_uninterrupted(tmp_path):
