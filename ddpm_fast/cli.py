@@ -63,6 +63,11 @@ def positive(name):
     return parse
 
 
+def batch_size_arg(text):
+    """--batch-size: a positive integer, or "auto" (the largest that fits in memory)."""
+    return "auto" if text == "auto" else positive("--batch-size")(text)
+
+
 def check_output(path: Path, overwrite: bool, suffixes=(".png", ".npz", "")) -> Path:
     if path.suffix.lower() not in suffixes:
         raise UsageError(f"--out {path}: use .png (grid), .npz (arrays) or a folder name")
@@ -171,6 +176,9 @@ def cmd_sample(args) -> int:
     if steps > pipe.schedule.num_timesteps:
         raise UsageError(f"--steps {steps} exceeds the model's {pipe.schedule.num_timesteps} "
                          "timesteps")
+    if args.batch_size == "auto":
+        args.batch_size = pipe.max_batch_size()
+        print(f"--batch-size auto: {args.batch_size}", file=sys.stderr)
     store = None
     if sharded:
         c = pipe.unet.config
@@ -215,7 +223,10 @@ def cmd_sample(args) -> int:
             return 0
         u8 = store.collect(seeds)
     write_images(out, u8, seeds, args, steps)
-    print(f"wrote {len(seeds)} images to {out}" + (f" (shards in {parts})" if store else ""))
+    kind = "GPU memory" if device.type == "cuda" else "resident memory of the process"
+    peak = (f"; peak {kind} {pipe.last_peak_memory / 2**30:.2f} GiB"
+            if pipe.last_peak_memory else "")
+    print(f"wrote {len(seeds)} images to {out}" + (f" (shards in {parts})" if store else "") + peak)
     return 0
 
 
@@ -458,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default=None,
                    help="per-image seeds like 0-49999 or 0-9,20 (instead of --num): resumable, "
                    "written in shards to OUT.parts/ and merged at the end")
-    s.add_argument("--batch-size", type=positive("--batch-size"), default=64)
+    s.add_argument("--batch-size", type=batch_size_arg, default=64,
+                   help="images per sampler call, or 'auto': the largest that fits in memory")
     s.add_argument("--shard-size", type=positive("--shard-size"), default=256,
                    help="images per shard file with --seeds / under torchrun (default 256)")
     s.add_argument("--steps", type=positive("--steps"), default=None,

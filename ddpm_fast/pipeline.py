@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import checkpoints
+from . import checkpoints, memory
 from .sampling import ddim_sample, ddpm_sample
 from .schedule import VARIANCE_TYPES, Schedule
 from .unet import UNet2DModel
@@ -70,6 +70,7 @@ class DDPMPipeline:
         self.clip = bool(self.scheduler_config.get("clip_sample", True))
         self._fast_args = dict(dtype=dtype, use_graphs=use_graphs, compile=compile)
         self._runner = None
+        self.last_peak_memory: Optional[int] = None   # bytes, after each call (ddpm_fast.memory)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "DDPMPipeline":
@@ -100,11 +101,21 @@ class DDPMPipeline:
         return self._runner
 
     # ------------------------------------------------------------------ sampling
+    def max_batch_size(self, fraction: float = 0.8) -> int:
+        """The largest batch that should fit in `fraction` of the free memory of the device
+        (measured on CUDA, estimated on CPU: see ddpm_fast.memory)."""
+        from .memory import max_batch_size
+
+        dtype = self.runner.dtype if self.mode == "fast" else torch.float32
+        return max_batch_size(self.unet, self.device, dtype, fraction)
+
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000,
+    def __call__(self, batch_size: int | str = 1, generator=None, num_inference_steps: int = 1000,
                  output_type: str = "pil", return_dict: bool = True, *, seed: Optional[int] = None,
                  first_image: int = 0, sampler: str = "ddpm", eta: float = 0.0,
                  variance: Optional[str] = None, clip: Optional[bool] = None, progress=None):
+        if batch_size == "auto":
+            batch_size = self.max_batch_size()
         batch_size = positive_int(batch_size, "batch_size")
         num_inference_steps = positive_int(num_inference_steps, "num_inference_steps")
         if output_type not in OUTPUT_TYPES:
@@ -116,6 +127,7 @@ class DDPMPipeline:
         timesteps = self.schedule.timesteps(num_inference_steps)   # validates the step count
         c = self.unet.config
         shape = (batch_size, c.in_channels, c.sample_size, c.sample_size)
+        memory.reset_peak(self.device)
         if self.mode == "fast" and seed is None:
             seed = int(generator.initial_seed()) if isinstance(generator, torch.Generator) else 0
 
@@ -134,6 +146,7 @@ class DDPMPipeline:
             else:
                 x = ddpm_sample(self.unet, self.schedule, shape, variance=variance,
                                 **common).images
+        self.last_peak_memory = memory.peak_bytes(self.device)
         images = to_output(x, output_type)
         return ImagePipelineOutput(images) if return_dict else (images,)
 
