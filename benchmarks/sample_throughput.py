@@ -301,7 +301,8 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--config", nargs="+", default=["cifar10"], choices=sorted(CONFIGS))
+    p.add_argument("--config", nargs="+", default=None, choices=sorted(CONFIGS),
+                   help="default: cifar10 and 256 on a GPU, cifar10 on the CPU")
     p.add_argument("--batch", nargs="+", type=int, default=None)
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     p.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
@@ -312,6 +313,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.config is None:
+        args.config = ["cifar10", "256"] if device.type == "cuda" else ["cifar10"]
     if args.batch is None:
         args.batch = [1, 16, 64, 256] if device.type == "cuda" else [1, 8]
     if args.steps is None:
