@@ -18,8 +18,9 @@ namespace {
 constexpr int64_t kParallelMin = 1 << 13;
 
 // exp for the SiLU, branch-free so `omp simd` loops vectorise (libm's expf does not):
-// e^x = 2^n · e^r with n = round(x / ln 2), |r| ≤ ln 2 / 2, e^r by a degree-6 Taylor/Horner
-// polynomial (relative error < 2e-7 on that interval).
+// e^x = 2^n · e^r with n = round(x / ln 2), |r| ≤ ln 2 / 2, e^r by a degree-5 Taylor/Horner
+// polynomial (relative error < 3.3e-6 on that interval: SiLU's error stays below 1e-6 · |x|;
+// degree 6 measured 5-10 % slower for the whole op).
 inline float exp_approx(float x) {
   // ternaries and the 1.5·2^23 rounding trick, not fminf/nearbyintf: those are libm calls
   // without SSE4.1 / -ffast-math and would stop the loop from vectorising
@@ -27,8 +28,7 @@ inline float exp_approx(float x) {
   x = x > 88.0f ? 88.0f : x;
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
+  float p = 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
@@ -78,7 +78,12 @@ void group_norm_nchw_f32(const GroupNormArgs& a) {
   const int64_t cpg = a.c / a.groups, hw = a.h * a.w, count = cpg * hw;
   const float* x = static_cast<const float*>(a.x);
   float* out = static_cast<float*>(a.out);
-#pragma omp parallel for schedule(static) if (a.n * a.c * hw >= kParallelMin)
+#pragma omp parallel if (a.n * a.c * hw >= kParallelMin)
+  {
+  // per thread: 1 + e^-v for a whole group, so the SiLU loops run over the group's contiguous
+  // block (cpg·hw elements) instead of one short loop per channel (hw is 16 at 4×4 maps)
+  std::vector<float> denom(a.silu ? count : 0);
+#pragma omp for schedule(static)
   for (int64_t task = 0; task < a.n * a.groups; ++task) {
     const int64_t n = task / a.groups, g = task % a.groups;
     const int64_t c0 = g * cpg;
@@ -98,23 +103,25 @@ void group_norm_nchw_f32(const GroupNormArgs& a) {
         m2 += chunked_squared_deviation(block + k * hw, hw, mean - a.add[n * a.c + c0 + k]);
     }
     const float rstd = static_cast<float>(1.0 / std::sqrt(m2 / count + a.eps));
+    float* dst_block = out + (n * a.c + c0) * hw;
     for (int64_t k = 0; k < cpg; ++k) {
       const int64_t ch = c0 + k;
-      const float* src = x + (n * a.c + ch) * hw;
-      float* dst = out + (n * a.c + ch) * hw;
       const float centre = mean - (a.add ? a.add[n * a.c + ch] : 0.0f);
       const float scale = a.weight[ch] * rstd, offset = a.bias[ch] - centre * scale;
-      if (a.silu) {
-        // two loops: GCC's vector code for the fused loop ran 2.7x slower (measured)
+      const float* src = block + k * hw;
+      float* dst = dst_block + k * hw;
 #pragma omp simd
-        for (int64_t p = 0; p < hw; ++p) dst[p] = 1.0f + exp_approx(-(src[p] * scale + offset));
-#pragma omp simd
-        for (int64_t p = 0; p < hw; ++p) dst[p] = (src[p] * scale + offset) / dst[p];
-      } else {
-#pragma omp simd
-        for (int64_t p = 0; p < hw; ++p) dst[p] = src[p] * scale + offset;
-      }
+      for (int64_t p = 0; p < hw; ++p) dst[p] = src[p] * scale + offset;
     }
+    if (a.silu) {
+      // two loops: GCC's vector code for one fused exp-and-divide loop ran 2.7x slower
+      float* den = denom.data();
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) den[i] = 1.0f + exp_approx(-dst_block[i]);
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) dst_block[i] = dst_block[i] / den[i];
+    }
+  }
   }
 }
 

@@ -76,8 +76,8 @@ def _group_norm_impl(x, weight, bias, groups, eps, silu, add):
     _check(x, weight, bias, groups, add)
     # Measured defaults (benchmarks/results/kernels_*.json): on an H100 the Triton kernel ran
     # 1.6-5x torch where our CUDA one ran 0.9-1.5x; on the 2-core CPU the C++ kernel runs
-    # 0.93-1.38x torch's at batch 8 but 0.7-1.17x at batch 1, and the convolutions make any
-    # difference invisible in a step, so CPU stays on torch unless native is asked for.
+    # 1.04-1.43x torch's at batch 8 but 0.6-1.28x at batch 1, and the convolutions (79 % of a
+    # CPU step) hide the difference, so CPU stays on torch unless native is asked for.
     which = backend.choose(x.device, cuda_prefers="triton", cpu_prefers="torch")
     if which == "torch":
         return group_norm_reference(x, weight, bias, groups, eps, silu, add)
