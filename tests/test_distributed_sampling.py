@@ -37,11 +37,11 @@ def test_contiguous_runs_split_at_gaps_and_limit():
     assert contiguous_runs([0, 1, 2, 3, 4, 9, 10, 3], 2) == [(0, 2), (2, 2), (4, 1), (9, 2), (3, 1)]
 
 
-def _launch(nproc, out, seeds, batch, extra_env=None, check=True):
+def _launch(nproc, out, seeds, batch, extra_env=None, check=True, extra_args=()):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", **(extra_env or {})}
     cli = ["-m", "ddpm_fast.cli", "sample", "--seeds", seeds, "--batch-size", str(batch),
-           "--out", str(out), *COMMON]
+           "--out", str(out), *COMMON, *extra_args]
     if nproc == 1:
         cmd = [sys.executable, *cli]
     else:
@@ -74,13 +74,14 @@ def test_one_vs_two_processes_identical(tmp_path):
     assert np.array_equal(png, one["images"][-1, ..., 0])
 
 
-def test_batch_size_does_not_change_images(tmp_path):
-    _launch(1, tmp_path / "b8.npz", "0-127", 8)
-    _launch(1, tmp_path / "b64.npz", "0-127", 64)
+@pytest.mark.parametrize("dtype, max_levels", [("fp32", 0), ("bf16", 8)])
+def test_batch_size_does_not_change_images(tmp_path, dtype, max_levels):
+    _launch(1, tmp_path / "b8.npz", "0-127", 8, extra_args=["--dtype", dtype])
+    _launch(1, tmp_path / "b64.npz", "0-127", 64, extra_args=["--dtype", dtype])
     a, b = np.load(tmp_path / "b8.npz")["images"], np.load(tmp_path / "b64.npz")["images"]
-    # the same noise per image, and on this CPU the convolutions round the same at any batch
-    # size (measured byte-identical; a GPU may pick other algorithms per batch shape)
-    assert np.array_equal(a, b)
+    # the same noise per image: in fp32 the CPU convolutions round the same at any batch size
+    # (byte-identical); bf16 convolutions pick kernels by batch shape, so a few levels move
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= max_levels
 
 
 def test_killed_rank_then_rerun_equals_uninterrupted(tmp_path):

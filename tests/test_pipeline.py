@@ -56,21 +56,26 @@ def test_generator_list_and_output_types(tmp_path, tiny_diffusers_unet):
 def test_fast_fp32_equals_reference_same_noise(tmp_path, tiny_diffusers_unet, variance):
     _save(tmp_path, tiny_diffusers_unet, variance_type=variance)
     ref = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, numerics="float64")
-    fast = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, mode="fast")
+    fast = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, mode="fast", dtype=torch.float32)
     # both with Philox noise from the same seed: the fast path is the same computation
     a = ref(batch_size=3, seed=11, num_inference_steps=100, output_type="pt").images
     b = fast(batch_size=3, seed=11, num_inference_steps=100, output_type="pt").images
     assert (a - b).abs().max() <= 1e-4
 
 
-def test_seeded_images_independent_of_batch(tmp_path, tiny_diffusers_unet):
+@pytest.mark.parametrize("mode, dtype, tol", [
+    ("reference", None, 1e-5), ("fast", torch.float32, 1e-5),
+    # bf16 convolutions round differently per batch shape (oneDNN picks kernels by shape): the
+    # noise is the same, the images agree to a few 8-bit levels (measured 0.0094 of [0, 1])
+    ("fast", torch.bfloat16, 0.03),
+])
+def test_seeded_images_independent_of_batch(tmp_path, tiny_diffusers_unet, mode, dtype, tol):
     _save(tmp_path, tiny_diffusers_unet)
-    for mode in ("reference", "fast"):
-        pipe = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, mode=mode)
-        big = pipe(batch_size=4, seed=5, num_inference_steps=20, output_type="pt").images
-        one = pipe(batch_size=1, seed=5, first_image=2, num_inference_steps=20,
-                   output_type="pt").images
-        assert (big[2:3] - one).abs().max() <= 1e-5
+    pipe = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, mode=mode, dtype=dtype)
+    big = pipe(batch_size=4, seed=5, num_inference_steps=20, output_type="pt").images
+    one = pipe(batch_size=1, seed=5, first_image=2, num_inference_steps=20,
+               output_type="pt").images
+    assert (big[2:3] - one).abs().max() <= tol
 
 
 def test_ddim_deterministic_and_close_to_ddpm_statistics(tmp_path, tiny_diffusers_unet):
