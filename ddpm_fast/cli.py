@@ -31,7 +31,9 @@ EXAMPLES = {
     "convert": """examples:
   ddpm-fast convert diffusion_cifar10_model/model-790000.ckpt --out ddpm-cifar10-32
   ddpm-fast convert runs/digits --out digits-pipeline --dtype fp16""",
-    "eval": "examples:\n  ddpm-fast eval --terms 1000            # the exact bound, as in the DDPM paper",
+    "eval": """examples:
+  ddpm-fast eval --terms 1000            # the exact bound, as in the DDPM paper
+  ddpm-fast eval --model ./ddpm-cifar10-32 --data cifar10-test.npz --num 10000 --device cuda""",
     "bench": "examples:\n  ddpm-fast bench --device cpu --batch 8 --steps 10",
 }
 
@@ -393,27 +395,38 @@ def cmd_convert(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .training import bits_per_dim, digits_dataset
+    from .data import load_dataset
+    from .training import bits_per_dim
 
     device = resolve_device(args.device)
     args.mode = "reference"
     pipe = load_pipeline(args, device)
     c = pipe.unet.config
-    if (c.in_channels, c.sample_size) != (1, 8):
-        raise UsageError("eval scores digit models (1×8×8); this model is "
-                         f"{c.in_channels}×{c.sample_size}×{c.sample_size}")
-    data = digits_dataset(8, "test")[:args.num]      # held out from the shipped model's training
-    data = ((data + 1) * 127.5).round() / 127.5 - 1
-    bpd = bits_per_dim(pipe.unet, pipe.schedule, data.to(device), variance=pipe.variance,
-                       num_terms=args.terms, generator=torch.Generator(device).manual_seed(args.seed))
-    result = {k: float(v.mean()) for k, v in bpd.items() if k != "dims"}
-    from .images import to_uint8
-    from .quality import real_scores, score
+    digit_model = (c.in_channels, c.sample_size) == (1, 8)
+    spec = args.data or ("digits" if digit_model else None)
+    if spec is None:
+        raise UsageError(f"--data is needed for this {c.in_channels}×{c.sample_size}² model: held-out "
+                         "images as an .npz/.npy of uint8 [N,H,W,C] or a folder")
+    try:     # the digits' held-out split; other data is used as given (keep it held out)
+        data = load_dataset(spec, c.sample_size, c.in_channels, split="test")[:args.num]
+    except ValueError as e:
+        raise UsageError(f"--data: {e}")
+    data = ((data + 1) * 127.5).round() / 127.5 - 1       # 8-bit data for the discrete decoder
+    g = torch.Generator(device).manual_seed(args.seed)
+    parts = [bits_per_dim(pipe.unet, pipe.schedule, chunk.to(device), variance=pipe.variance,
+                          num_terms=args.terms, generator=g)
+             for chunk in data.split(args.batch_size)]
+    result = {k: float(torch.cat([p[k] for p in parts]).mean())
+              for k in ("total", "prior", "decoder", "kl")}
+    result["images"] = int(data.shape[0])
+    if digit_model:
+        from .images import to_uint8
+        from .quality import real_scores, score
 
-    x = pipe(batch_size=args.samples, seed=args.seed, num_inference_steps=args.steps,
-             output_type="pt").images
-    result["quality"] = score(to_uint8(x * 2 - 1)).as_dict()
-    result["quality_real_digits"] = real_scores().as_dict()
+        x = pipe(batch_size=args.samples, seed=args.seed, num_inference_steps=args.steps,
+                 output_type="pt").images
+        result["quality"] = score(to_uint8(x * 2 - 1)).as_dict()
+        result["quality_real_digits"] = real_scores().as_dict()
     print(json.dumps({"bits_per_dim": result}, indent=1))
     return 0
 
@@ -536,10 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    e = add("eval", "bits/dim (variational bound) on real digits and sample-quality scores")
-    e.add_argument("--model", help="digit model folder (default: the shipped model)")
+    e = add("eval", "bits/dim (the variational bound) on held-out images; quality scores for "
+            "digit models")
+    e.add_argument("--model", help="model folder or checkpoint (default: the shipped model)")
+    e.add_argument("--data", default=None,
+                   help="held-out images: .npz/.npy of uint8 [N,H,W,C] or a folder (default: "
+                   "the held-out digits, for digit models)")
     e.add_argument("--device", default="auto")
-    e.add_argument("--num", type=positive("--num"), default=256, help="real digits to score")
+    e.add_argument("--num", type=positive("--num"), default=256, help="images to score")
+    e.add_argument("--batch-size", type=positive("--batch-size"), default=256)
     e.add_argument("--terms", type=positive("--terms"), default=100,
                    help="KL terms evaluated (1000 = exact bound; fewer = an estimate)")
     e.add_argument("--samples", type=positive("--samples"), default=256)

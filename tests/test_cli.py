@@ -163,6 +163,19 @@ def test_eval(capsys):
     assert result["total"] > 0 and 0 <= result["quality"]["confident"] <= 1
 
 
+def test_eval_on_image_array(tmp_path, capsys, model_dir):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "held_out.npy", rng.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8))
+    code, out, err = run(capsys, "eval", "--model", model_dir, "--data", tmp_path / "held_out.npy",
+                         "--terms", 4, "--batch-size", 2, "--samples", 4, "--steps", 2)
+    assert code == 0, err
+    result = json.loads(out)["bits_per_dim"]
+    assert result["images"] == 5 and result["total"] > 0
+    np.save(tmp_path / "rgb.npy", rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
+    code, _, err = run(capsys, "eval", "--model", model_dir, "--data", tmp_path / "rgb.npy")
+    assert code == 2 and "3 channels, expected 1" in err
+
+
 def test_from_t_and_interpolate(tmp_path, capsys):
     code, _, err = run(capsys, "from-t", "--num", 2, "--t", 5, 20, "--out", tmp_path / "f.png",
                        "--scale", 1)
