@@ -41,6 +41,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (the object itself in a single process)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order (a one-element list in a single process)."""
     rank, size = world()
@@ -190,10 +199,15 @@ class ShardStore:
 
 def my_shards(seeds: list[int], store: ShardStore, shard_size: int) -> list[list[int]]:
     """This rank's share of the seeds without a finished shard: those seeds cut in order into
-    shards of `shard_size`, and rank r takes shards r, r + W, … (W = world size)."""
+    shards of `shard_size`, and rank r takes shards r, r + W, … (W = world size). Collective:
+    rank 0 decides what is finished and tells the others, so every rank cuts the same list even
+    if another rank has already written a new shard."""
     rank, size = world()
-    done = store.finished()
-    todo = [s for s in seeds if s not in done]
+    todo = None
+    if rank == 0:
+        done = store.finished()
+        todo = [s for s in seeds if s not in done]
+    todo = broadcast_object(todo)
     return [todo[i:i + shard_size] for i in range(0, len(todo), shard_size)][rank::size]
 
 
