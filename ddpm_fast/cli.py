@@ -437,12 +437,15 @@ def cmd_info(args) -> int:
     import torch
 
     from . import __version__, _native
+    from .fast import default_dtype
 
     info = {"ddpm_fast": __version__, "python": platform.python_version(),
             "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "cuda_available": torch.cuda.is_available(),
             "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "native": _native.build_info(), "default_model": str(default_model_path())}
+            "native": _native.build_info(), "default_model": str(default_model_path()),
+            "fast_mode_dtype": {"cpu": str(default_dtype(torch.device("cpu"))).split(".")[-1],
+                                "cuda": "bfloat16"}}
     try:
         import triton
         info["triton"] = triton.__version__

@@ -105,6 +105,12 @@ def load_checkpoint(folder: Path, model, ema, opt, scaler=None) -> int:
 
     ckpt = folder / (folder / "latest").read_text().strip()
     state = json.loads((ckpt / "state.json").read_text())
+    saved, wanted = state.get("unet_config", {}), model.config.to_dict()
+    if saved != wanted:
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise ValueError(f"{ckpt}: the checkpoint's U-Net differs from this run's "
+                         f"({', '.join(diff)}): resume with the same data and model settings, "
+                         "or train into a new --out")
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
     opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))

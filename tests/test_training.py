@@ -93,6 +93,16 @@ def test_crash_mid_checkpoint_keeps_last_good(tmp_path, monkeypatch):
     assert len(losses) == 1          # resumed at step 2, ran step 3
 
 
+def test_resume_with_another_model_is_refused(tmp_path):
+    data = digits_dataset(8)[:16]
+    cfg = TrainConfig(steps=1, batch_size=4, log_every=0, checkpoint_every=1)
+    train(_model(), data, cfg, out_dir=tmp_path, log=_quiet)
+    other = UNet2DModel(UNetConfig(**{**SMALL.__dict__, "block_out_channels": (16, 32, 64)}))
+    with pytest.raises(ValueError, match=r"U-Net differs from this run's \(block_out_channels\)"):
+        train(other, data, TrainConfig(steps=2, batch_size=4, log_every=0), out_dir=tmp_path,
+              resume=True, log=_quiet)
+
+
 def test_bad_data_shape():
     with pytest.raises(ValueError, match="does not fit the model"):
         train(UNet2DModel(SMALL), torch.zeros(4, 3, 8, 8), TrainConfig(steps=1), log=_quiet)
