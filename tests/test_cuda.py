@@ -1,5 +1,5 @@
 """GPU checks: the CUDA kernels against the torch references, and the fast runner (graphs, bf16).
-Skipped without a GPU; run on the lent device (see benchmarks/README.md)."""
+Skipped without a GPU; on a GPU machine benchmarks/gpu_suite.sh runs them with the rest."""
 import pytest
 import torch
 
