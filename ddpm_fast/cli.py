@@ -266,7 +266,8 @@ def cmd_progressive(args) -> int:
 
 
 def real_images(args, pipe, count: int):
-    """`count` real images in model space: the digits, or the first of an .npz/.npy of uint8."""
+    """The first `count` real images in model space, shaped for the model: held-out digits, an
+    .npz/.npy of uint8, or a folder (load_dataset checks size and channels)."""
     from .data import load_dataset
 
     c = pipe.unet.config
@@ -274,9 +275,6 @@ def real_images(args, pipe, count: int):
         data = load_dataset(args.images, c.sample_size, c.in_channels, split="test")[:count]
     except ValueError as e:
         raise UsageError(f"--images: {e}")
-    if data.shape[1:] != (c.in_channels, c.sample_size, c.sample_size):
-        raise UsageError(f"images are {tuple(data.shape[1:])}, the model needs "
-                         f"{(c.in_channels, c.sample_size, c.sample_size)}")
     if data.shape[0] < count:
         raise UsageError(f"need {count} images, found {data.shape[0]}")
     return data.to(pipe.device)
@@ -349,10 +347,9 @@ def cmd_train(args) -> int:
     base = PRESETS[args.preset] if args.preset else DIGITS_CONFIG
     config = type(base)(**{**base.__dict__, "sample_size": data.shape[2], "dropout": args.dropout,
                            "in_channels": data.shape[1], "out_channels": data.shape[1]})
-    factor = 2 ** (len(config.block_out_channels) - 1)
-    if data.shape[2] % factor:
-        raise UsageError(f"image size {data.shape[2]} is not divisible by {factor}, the model's "
-                         "total downsampling")
+    if data.shape[2] % config.downsampling:
+        raise UsageError(f"image size {data.shape[2]} is not divisible by {config.downsampling}, "
+                         "the model's total downsampling")
     from . import distributed
 
     device = resolve_device(args.device)

@@ -97,8 +97,11 @@ def load_image_folder(path: Path, size: int, channels: int = 3) -> torch.Tensor:
 def load_dataset(spec: str, size: int | None = None, channels: int | None = None,
                  split: str = "all") -> torch.Tensor:
     """'digits' (split applies), an .npz/.npy of uint8 images, or a folder of images (resized to
-    `size`, default 32, with `channels`, default 3). Arrays must already have `size` if given."""
+    `size`, default 32, with `channels`, default 3). Arrays and the digits must already have the
+    `channels` asked for, and arrays the `size`."""
     if spec == "digits":
+        if channels not in (None, 1):
+            raise ValueError(f"the digits are single-channel, expected {channels} channels")
         return digits_dataset(size or 8, split)
     path = Path(spec)
     if path.is_dir():

@@ -99,15 +99,13 @@ class FastRunner:
             self._step(state)
         state["step"].zero_()
 
-    def _graph_for(self, batch: int, num_steps: int, clip: bool):
-        """A captured step for this batch shape; tables and key are copied into its buffers."""
-        cache_key = (batch, num_steps, clip, self.dtype)
+    def _graph_for(self, batch: int, coef: torch.Tensor, temb: torch.Tensor, key: torch.Tensor,
+                   clip: bool):
+        """A captured step for this batch shape and table length. Its buffers are shaped like
+        (and first filled from) this run's tables; later runs copy theirs in."""
+        cache_key = (batch, coef.shape[0], clip, self.dtype)
         if cache_key not in self._graphs:
-            width = sum(b.time_emb_proj.out_features for b in self.unet.resnets())
-            state = self._state(batch, torch.zeros(num_steps, 8, device=self.device),
-                                torch.zeros(num_steps, width, device=self.device,
-                                            dtype=self.dtype),
-                                torch.zeros(2, dtype=torch.int64, device=self.device), clip)
+            state = self._state(batch, coef.clone(), temb.clone(), key.clone(), clip)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), torch.no_grad():
@@ -140,7 +138,7 @@ class FastRunner:
         temb = self.time_table(timesteps)
         if self.use_graphs:
             try:
-                graph, state = self._graph_for(batch, len(timesteps), clip)
+                graph, state = self._graph_for(batch, coef, temb, key, clip)
             except RuntimeError as e:              # capture failed: the eager path still works
                 warnings.warn(f"{e}; sampling without CUDA graphs")
             else:

@@ -92,6 +92,11 @@ class UNetConfig:
             kwargs["sample_size"] = h
         return cls(**kwargs)
 
+    @property
+    def downsampling(self) -> int:
+        """Total downsampling factor: image sizes must be multiples of it."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -371,7 +376,7 @@ class UNet2DModel(nn.Module):
                                           kind == "AttnUpBlock2D", i < len(ch) - 1))
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
-        self.kernels = "reference"
+        self.fused = False          # set_kernels sets this and every block's flag together
         offset = 0
         for block in self.resnets():
             block.proj_offset = offset
@@ -390,11 +395,14 @@ class UNet2DModel(nn.Module):
         GroupNorm(+add, +SiLU) kernels. Weights and parameter names are unchanged."""
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-        for m in self.modules():
+        for m in self.modules():          # this model and each ResBlock / attention block
             if hasattr(m, "fused"):
                 m.fused = kernels == "fused"
-        self.kernels = kernels
         return self
+
+    @property
+    def kernels(self) -> str:
+        return "fused" if self.fused else "reference"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -427,7 +435,7 @@ class UNet2DModel(nn.Module):
                              f"{c.in_channels} (input shape {tuple(x.shape)})")
         if not x.is_floating_point():
             raise ValueError(f"U-Net input must be a floating-point tensor, got {x.dtype}")
-        factor = 2 ** (len(c.block_out_channels) - 1)
+        factor = c.downsampling
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"U-Net input size {x.shape[2]}×{x.shape[3]} is not divisible by "
                              f"{factor}, the model's total downsampling")
@@ -454,4 +462,4 @@ class UNet2DModel(nn.Module):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             x = block(x, block_skips, temb)
-        return self.conv_out(norm_act(self.conv_norm_out, x, True, self.kernels == "fused"))
+        return self.conv_out(norm_act(self.conv_norm_out, x, True, self.fused))

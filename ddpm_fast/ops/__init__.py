@@ -5,5 +5,6 @@ from .ddpm_step import ddpm_step, ddpm_step_out, ddpm_step_reference
 from .group_norm import group_norm, group_norm_reference
 from .philox import philox_normal, philox_normal_reference, philox4x32_10_reference
 
-__all__ = ["attention", "attention_reference", "group_norm", "group_norm_reference", "ddpm_step", "ddpm_step_out", "ddpm_step_reference", "philox_normal",
-           "philox_normal_reference", "philox4x32_10_reference"]
+__all__ = ["attention", "attention_reference", "ddpm_step", "ddpm_step_out", "ddpm_step_reference",
+           "group_norm", "group_norm_reference", "philox_normal", "philox_normal_reference",
+           "philox4x32_10_reference"]
