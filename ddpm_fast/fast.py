@@ -9,9 +9,13 @@
   (seed, image index): no host arithmetic, no host random numbers.
 - On CUDA one step (U-Net + update + step-index increment) is captured once per batch shape as a
   CUDA graph and replayed for every step; nothing touches the host inside the loop.
+- cuDNN's benchmark mode is on while the runner works on CUDA: a run repeats the same
+  convolution shapes hundreds of times, so timing the candidate algorithms once (at warm-up,
+  before capture) is paid back many times. The global flag is restored afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Optional, Sequence
@@ -39,15 +43,29 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if fast_bf16 else torch.float32
 
 
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    """torch.backends.cudnn.benchmark set to `on` inside, the caller's value restored after."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 class FastRunner:
     def __init__(self, unet: UNet2DModel, device=None, dtype: Optional[torch.dtype] = None,
                  channels_last: Optional[bool] = None, use_graphs: Optional[bool] = None,
-                 compile: Optional[bool] = None, kernels: Optional[str] = None):
+                 compile: Optional[bool] = None, kernels: Optional[str] = None,
+                 autotune_convs: Optional[bool] = None):
         device = torch.device(device or unet.device)
         on_gpu = device.type == "cuda"
         self.device = device
         self.dtype = dtype or default_dtype(device)
         self.channels_last = on_gpu if channels_last is None else channels_last
+        # cuDNN benchmark mode (see the module docstring); the CPU has no cuDNN
+        self.autotune_convs = on_gpu if autotune_convs is None else autotune_convs
         self.use_graphs = on_gpu if use_graphs is None else use_graphs
         if self.use_graphs and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")
@@ -158,29 +176,32 @@ class FastRunner:
         shape = (batch, c.in_channels, c.sample_size, c.sample_size)
         if x_T is None:
             x_T = philox_normal(shape, seed, num_train_timesteps, first_image, self.device)
-        state, run = self._prepare(coef, timesteps, batch,
-                                   key_tensor(seed, first_image, self.device), clip)
-        state["x"].copy_(x_T)
-        state["step"].zero_()
-        for i in range(len(timesteps)):
-            run()
-            if (i + 1) % WATCH_EVERY == 0 or i == len(timesteps) - 1:
-                check_finite(state["x"], i, timesteps[i], first_image)
-            if progress is not None:
-                progress(1)
+        with cudnn_benchmark(self.autotune_convs):
+            state, run = self._prepare(coef, timesteps, batch,
+                                       key_tensor(seed, first_image, self.device), clip)
+            state["x"].copy_(x_T)
+            state["step"].zero_()
+            for i in range(len(timesteps)):
+                run()
+                if (i + 1) % WATCH_EVERY == 0 or i == len(timesteps) - 1:
+                    check_finite(state["x"], i, timesteps[i], first_image)
+                if progress is not None:
+                    progress(1)
         return state["x"].clone()
 
     def benchmark_step_fn(self, coef: torch.Tensor, timesteps: Sequence[int], batch: int,
                           clip: bool = True):
         """A callable running one step per call (for benchmarks/sample_throughput.py)."""
-        state, run = self._prepare(coef, timesteps, batch, key_tensor(0, 0, self.device), clip)
+        with cudnn_benchmark(self.autotune_convs):
+            state, run = self._prepare(coef, timesteps, batch, key_tensor(0, 0, self.device),
+                                       clip)
         state["x"].normal_()
         n = len(timesteps)
 
         def step(i):
             if i % n == 0:
                 state["step"].zero_()
-            with torch.no_grad():
+            with torch.no_grad(), cudnn_benchmark(self.autotune_convs):
                 run()
 
         return step

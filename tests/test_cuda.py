@@ -86,6 +86,18 @@ def test_images_independent_of_batch_size(monkeypatch):
     torch.testing.assert_close(big[5:6], one, atol=1e-4, rtol=0)
 
 
+def test_conv_autotuning_changes_no_image(monkeypatch):
+    """cuDNN benchmark mode (fast mode's default on CUDA) picks algorithms by timing them before
+    capture; the images must be those of the heuristic choice to fp32 rounding (TF32 off)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    unet = _tiny()
+    s = Schedule.linear()
+    ts = s.timesteps(10)
+    table = s.step_table(ts, "fixed_small")
+    runs = [FastRunner(unet, "cuda", dtype=torch.float32, compile=False, autotune_convs=on)
+            .sample(table, ts, 16, seed=2) for on in (False, True)]
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-4, rtol=0)
+
 
 def test_bf16_fast_matches_fp32_reference_statistics():
     unet = _tiny()
