@@ -1,7 +1,7 @@
 """The fast runner: the same sampler as sampling.py, run as fast as the device allows.
 
 - Weights cast once (bf16 by default on GPUs and on CPUs with native bf16 convolutions, else
-  fp32); the sampler state x_t stays fp32.
+  fp32) and laid out channels_last; the sampler state x_t stays fp32.
 - Time path precomputed: the time MLP and every ResBlock's time projection depend on t only, so
   their outputs for every step of the run are one table [steps, Σ channels]; a step reads its
   row by a device-side step index (22 small GEMMs per step fewer on the CIFAR model).
@@ -63,7 +63,11 @@ class FastRunner:
         on_gpu = device.type == "cuda"
         self.device = device
         self.dtype = dtype or default_dtype(device)
-        self.channels_last = on_gpu if channels_last is None else channels_last
+        # channels_last on the CPU too: the U-Net's attention blocks hand back channels_last
+        # views, so an NCHW model switched layout there and every later convolution cloned its
+        # weight per call; one layout throughout measured 1.06-1.11x per step on the 2-core CPU
+        # (CIFAR-10 batch 1 and 8, bf16 and fp32; benchmarks/sample_throughput.py)
+        self.channels_last = True if channels_last is None else channels_last
         # cuDNN benchmark mode (see the module docstring); the CPU has no cuDNN
         self.autotune_convs = on_gpu if autotune_convs is None else autotune_convs
         self.use_graphs = on_gpu if use_graphs is None else use_graphs
