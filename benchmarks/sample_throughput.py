@@ -314,7 +314,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", nargs="+", default=None, choices=sorted(CONFIGS),
                    help="default: cifar10 and 256 on a GPU, cifar10 on the CPU")
     p.add_argument("--batch", nargs="+", type=int, default=None)
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    p.add_argument("--providers", nargs="+", default=None, choices=list(PROVIDERS),
+                   help="default: all (fast-heuristic on CUDA only)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -327,6 +328,8 @@ def main(argv=None) -> int:
         args.config = ["cifar10", "256"] if device.type == "cuda" else ["cifar10"]
     if args.batch is None:
         args.batch = [1, 16, 64, 256] if device.type == "cuda" else [1, 8]
+    if args.providers is None:
+        args.providers = [p for p in PROVIDERS if device.type == "cuda" or p != "fast-heuristic"]
     if args.steps is None:
         args.steps = 30 if device.type == "cuda" else 10
     if any(b <= 0 for b in args.batch) or args.steps <= 0:
