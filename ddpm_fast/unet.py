@@ -212,6 +212,23 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
         self.rescale_output_factor = rescale_output_factor
         self.fused = False
+        self.register_buffer("qkv_weight", None, persistent=False)    # set by fuse_qkv()
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def fuse_qkv(self) -> None:
+        """Stack to_q, to_k and to_v into one [3C, C] projection (one GEMM instead of three;
+        fast mode). Buffers, not parameters: they follow .to() but stay out of state_dict, and
+        they are copies, so call this again after changing the weights."""
+        with torch.no_grad():
+            projections = (self.to_q, self.to_k, self.to_v)
+            self.qkv_weight = torch.cat([p.weight for p in projections])
+            self.qkv_bias = torch.cat([p.bias for p in projections])
+
+    def project_qkv(self, seq: torch.Tensor):
+        """q, k, v of seq [B, L, C]: three Linears, or views into one fused GEMM's output."""
+        if self.qkv_weight is None:
+            return self.to_q(seq), self.to_k(seq), self.to_v(seq)
+        return F.linear(seq, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
 
     def forward(self, x):
         if self.fused:
@@ -226,7 +243,7 @@ class Attention(nn.Module):
         def heads(t):
             return t.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
 
-        q, k, v = heads(self.to_q(seq)), heads(self.to_k(seq)), heads(self.to_v(seq))
+        q, k, v = map(heads, self.project_qkv(seq))
         o = F.scaled_dot_product_attention(q, k, v)
         o = self.to_out[0](o.transpose(1, 2).reshape(b, -1, c))
         out = o.transpose(-1, -2).reshape(b, c, h, w) + x
@@ -240,7 +257,7 @@ class Attention(nn.Module):
         def heads(t):
             return t.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
 
-        q, k, v = self.to_q(seq), self.to_k(seq), self.to_v(seq)
+        q, k, v = self.project_qkv(seq)
         if self.heads == 1:       # DDPM's single wide head: our op (SDPA or the Triton kernel)
             from .ops.attention import attention
 
@@ -398,6 +415,13 @@ class UNet2DModel(nn.Module):
         for m in self.modules():          # this model and each ResBlock / attention block
             if hasattr(m, "fused"):
                 m.fused = kernels == "fused"
+        return self
+
+    def fuse_qkv(self) -> "UNet2DModel":
+        """Every attention block's q/k/v projections as one GEMM (Attention.fuse_qkv)."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fuse_qkv()
         return self
 
     @property

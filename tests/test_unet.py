@@ -75,3 +75,25 @@ def test_fused_kernels_equal_reference(name):
 def test_set_kernels_rejects_unknown():
     with pytest.raises(ValueError, match="kernels must be one of"):
         UNet2DModel("tiny").set_kernels("cuda")
+
+
+@pytest.mark.parametrize("kernels", ["reference", "fused"])
+@pytest.mark.parametrize("head_dim", [None, 16])
+def test_fused_qkv_equals_three_projections(kernels, head_dim):
+    """fuse_qkv stacks to_q/to_k/to_v into one GEMM: the same outputs (fp32, one head or
+    several), the same state_dict, and the stacked copies follow .to() like the weights."""
+    import copy
+
+    torch.manual_seed(4)
+    cfg = UNetConfig(**{**PRESETS["tiny"].__dict__, "attention_head_dim": head_dim})
+    ref = UNet2DModel(cfg).eval().set_kernels(kernels)
+    fused = copy.deepcopy(ref).fuse_qkv()
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([1, 500, 999])
+    with torch.no_grad():
+        assert (fused(x, t) - ref(x, t)).abs().max() <= 1e-5
+        half = fused.to(torch.bfloat16)
+        attn = next(m for m in half.modules() if hasattr(m, "qkv_weight"))
+        assert attn.qkv_weight.dtype == torch.bfloat16
+        assert torch.equal(attn.qkv_weight[:attn.to_q.out_features], attn.to_q.weight)
+        assert half(x.bfloat16(), t).dtype == torch.bfloat16
