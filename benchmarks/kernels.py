@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.sample_throughput import environment, write_json  # noqa: E402
+from ddpm_fast.fast import default_dtype  # noqa: E402
 from ddpm_fast.ops import attention, attention_reference, ddpm_step, group_norm  # noqa: E402
 from ddpm_fast.ops.backend import native_available, triton_available, use_backend  # noqa: E402
 from ddpm_fast.ops.philox import key_tensor  # noqa: E402
@@ -56,6 +57,9 @@ def bench(fn, device, reps):
     return statistics.median(times)
 
 
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
 def bench_group_norm(x, w, b, add, dtype, providers, device, reps) -> list[dict]:
     """GroupNorm(+add)+SiLU: each provider against torch's ops on the same input."""
     wd, bd = w.to(dtype), b.to(dtype)
@@ -85,11 +89,14 @@ def main(argv=None):
     p.add_argument("--batch", nargs="+", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--layout", default="channels_last", choices=["channels_last", "contiguous"],
+                   help="GroupNorm input layout (fast mode runs channels_last on every device)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     batches = args.batch or ([1, 64, 256] if device.type == "cuda" else [1, 8])
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    # default: fast mode's dtype on this device (bf16 on GPUs and on CPUs with native bf16)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     reps = args.reps or (100 if device.type == "cuda" else 100)
     providers = [b for b in ("native", "triton") if
                  (native_available(device) if b == "native" else
@@ -101,8 +108,7 @@ def main(argv=None):
     for batch in batches:
         for c, hw in GN_SHAPES:
             x = torch.randn(batch, c, hw, hw, device=device).to(dtype)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=LAYOUTS[args.layout])
             w, b = torch.randn(c, device=device), torch.randn(c, device=device)
             for add in (torch.randn(batch, c, device=device), None):
                 rows += bench_group_norm(x, w, b, add, dtype, providers, device, reps)

@@ -1,6 +1,8 @@
-// CPU GroupNorm(+add, +SiLU): one OpenMP task per (image, group). Statistics are two-pass in
-// double (mean, then the sum of squared deviations), so fp16 inputs with |x| ~ 300 are exact
-// enough and nothing overflows; the output pass fuses affine, SiLU and the dtype cast.
+// CPU GroupNorm(+add, +SiLU). Three kernels: fp32 NCHW (one OpenMP task per (image, group)),
+// channels_last in fp32/bf16/fp16 (tasks per (image, pixel chunk), vectorised over channels),
+// and a scalar one for any other strides. Statistics are two-pass (mean, then the sum of
+// squared deviations; float partials merged in double), so fp16 inputs with |x| ~ 300 are
+// exact enough and nothing overflows; the output pass fuses affine, SiLU and the dtype cast.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -125,9 +127,141 @@ void group_norm_nchw_f32(const GroupNormArgs& a) {
   }
 }
 
+// Element access for the channels_last kernel: fp32, or bf16 / fp16 bits widened to fp32.
+struct F32 {
+  using T = float;
+  static float load(T v) { return v; }
+  static T store(float v) { return v; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static float load(T v) { return bits_to_float(static_cast<uint32_t>(v) << 16); }
+  // round to nearest even; a NaN stays a (quiet) NaN. Branch-free so that loops vectorise.
+  static T store(float v) {
+    const uint32_t b = float_to_bits(v);
+    const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    return static_cast<T>((b & 0x7FFFFFFFu) > 0x7F800000u ? (b >> 16) | 0x40u : rounded);
+  }
+};
+struct F16 {
+  using T = uint16_t;
+  static float load(T v) { return half_to_float(v); }
+  static T store(float v) { return float_to_half(v); }
+};
+
+// Pixels per task of the channels_last kernel: a float partial sum per channel over this many
+// pixels stays exact enough, and a 32×32 map still splits into 16 tasks for the threads.
+constexpr int64_t kPixelChunk = 64;
+
+// channels_last (NHWC) with each pixel's channels contiguous: a group is cpg channels of every
+// pixel, so the loops run over pixels and vectorise over the channels. Three passes over x:
+// per-channel sums, per-channel squared deviations from the group mean (both float per pixel
+// chunk, merged per group in double), then affine (+ SiLU) and the store. Tasks are
+// (image, pixel chunk), so batch 1 still spreads over the threads.
+template <typename E>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void group_norm_nhwc(const GroupNormArgs& a) {
+  using T = typename E::T;
+  const int64_t C = a.c, hw = a.h * a.w, cpg = C / a.groups, count = cpg * hw;
+  const int64_t chunks = (hw + kPixelChunk - 1) / kPixelChunk, tasks = a.n * chunks;
+  const T* x = static_cast<const T*>(a.x);
+  T* out = static_cast<T*>(a.out);
+  std::vector<float> partial(tasks * C);              // per (image, chunk, channel)
+  std::vector<float> centre(a.n * C), rstd(a.n * a.groups);
+#pragma omp parallel if (a.n * C * hw >= kParallelMin)
+  {
+    std::vector<float> row(C), den(C), scale(C), offset(C);
+    std::vector<double> total(a.groups);
+    // image n's per-group totals of the chunks' per-channel partials, in double
+    auto group_totals = [&](int64_t n) {
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t k = 0; k < chunks; ++k)
+        for (int64_t ch = 0; ch < C; ++ch) total[ch / cpg] += partial[(n * chunks + k) * C + ch];
+    };
+    // pass 1: per-channel sums of x
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t n = task / chunks, p0 = (task % chunks) * kPixelChunk;
+      const int64_t p1 = std::min(hw, p0 + kPixelChunk);
+      float* acc = partial.data() + task * C;
+      std::fill(acc, acc + C, 0.0f);
+      for (int64_t p = p0; p < p1; ++p) {
+        const T* src = x + (n * hw + p) * C;
+#pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) acc[ch] += E::load(src[ch]);
+      }
+    }
+    // group means, kept as centre[n, c] = mean of c's group − add[n, c]: x − centre is then
+    // the deviation of x + add from the mean
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < a.n; ++n) {
+      group_totals(n);
+      if (a.add)
+        for (int64_t ch = 0; ch < C; ++ch) total[ch / cpg] += static_cast<double>(a.add[n * C + ch]) * hw;
+      for (int64_t ch = 0; ch < C; ++ch)
+        centre[n * C + ch] = static_cast<float>(total[ch / cpg] / count) -
+                             (a.add ? a.add[n * C + ch] : 0.0f);
+    }
+    // pass 2: per-channel sums of squared deviations
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t n = task / chunks, p0 = (task % chunks) * kPixelChunk;
+      const int64_t p1 = std::min(hw, p0 + kPixelChunk);
+      float* acc = partial.data() + task * C;
+      const float* ctr = centre.data() + n * C;
+      std::fill(acc, acc + C, 0.0f);
+      for (int64_t p = p0; p < p1; ++p) {
+        const T* src = x + (n * hw + p) * C;
+#pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const float d = E::load(src[ch]) - ctr[ch];
+          acc[ch] += d * d;
+        }
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < a.n; ++n) {
+      group_totals(n);
+      for (int64_t g = 0; g < a.groups; ++g)
+        rstd[n * a.groups + g] = static_cast<float>(1.0 / std::sqrt(total[g] / count + a.eps));
+    }
+    // pass 3: y = x · scale + offset (+ SiLU) with scale = weight · rstd of the channel's group
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t n = task / chunks, p0 = (task % chunks) * kPixelChunk;
+      const int64_t p1 = std::min(hw, p0 + kPixelChunk);
+      for (int64_t ch = 0; ch < C; ++ch) {
+        scale[ch] = a.weight[ch] * rstd[n * a.groups + ch / cpg];
+        offset[ch] = a.bias[ch] - centre[n * C + ch] * scale[ch];
+      }
+      const float *sc = scale.data(), *off = offset.data();
+      float *r = row.data(), *d = den.data();
+      for (int64_t p = p0; p < p1; ++p) {
+        const T* src = x + (n * hw + p) * C;
+        T* dst = out + (n * hw + p) * C;
+#pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) r[ch] = E::load(src[ch]) * sc[ch] + off[ch];
+        if (a.silu) {     // two loops, as in the NCHW kernel
+#pragma omp simd
+          for (int64_t ch = 0; ch < C; ++ch) d[ch] = 1.0f + exp_approx(-r[ch]);
+#pragma omp simd
+          for (int64_t ch = 0; ch < C; ++ch) r[ch] = r[ch] / d[ch];
+        }
+#pragma omp simd
+        for (int64_t ch = 0; ch < C; ++ch) dst[ch] = E::store(r[ch]);
+      }
+    }
+  }
+}
+
 bool is_nchw_contiguous(const int64_t* stride, const GroupNormArgs& a) {
   return stride[3] == 1 && stride[2] == a.w && stride[1] == a.h * a.w &&
          stride[0] == a.c * a.h * a.w;
+}
+
+bool is_nhwc_contiguous(const int64_t* stride, const GroupNormArgs& a) {
+  return stride[1] == 1 && stride[3] == a.c && stride[2] == a.w * a.c &&
+         stride[0] == a.h * a.w * a.c;
 }
 
 }  // namespace
@@ -136,6 +270,12 @@ void group_norm_cpu(const GroupNormArgs& a) {
   if (a.dtype == kFloat32 && is_nchw_contiguous(a.x_stride, a) &&
       is_nchw_contiguous(a.out_stride, a)) {
     group_norm_nchw_f32(a);
+    return;
+  }
+  if (is_nhwc_contiguous(a.x_stride, a) && is_nhwc_contiguous(a.out_stride, a)) {
+    if (a.dtype == kFloat32) group_norm_nhwc<F32>(a);
+    else if (a.dtype == kBFloat16) group_norm_nhwc<BF16>(a);
+    else group_norm_nhwc<F16>(a);
     return;
   }
   const int64_t cpg = a.c / a.groups, hw = a.h * a.w, count = cpg * hw;
