@@ -107,6 +107,10 @@ def resolve_device(name: str):
         raise UsageError(f"--device {name!r} is not a device (use cpu, cuda, cuda:1 or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA GPU is available")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        visible = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise UsageError(f"--device {name}: there is no such GPU ({count} visible, {visible})")
     return device
 
 

@@ -196,3 +196,16 @@ def test_slerp_endpoints():
     a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(slerp(a, b, 0.0), a)
     torch.testing.assert_close(slerp(a, b, 1.0), b, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_gpu_index_is_named(monkeypatch):
+    """--device cuda:3 on a machine with one GPU: a usage error naming the visible GPUs, not
+    CUDA's "invalid device ordinal" from deep inside the first copy to the device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(cli.UsageError, match=r"cuda:3: there is no such GPU \(1 visible, cuda:0\)"):
+        cli.resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(cli.UsageError, match=r"\(2 visible, cuda:0 to cuda:1\)"):
+        cli.resolve_device("cuda:2")
