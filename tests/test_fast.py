@@ -1,0 +1,83 @@
+"""The fast runner's CPU-side preparation: cuDNN flag scoping and prepacked convolutions."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_fast.fast import (FastRunner, PackedConv2d, cudnn_benchmark, mkldnn_packing_available,
+                            pack_convolutions)
+from ddpm_fast.schedule import Schedule
+from ddpm_fast.unet import UNet2DModel
+
+needs_packing = pytest.mark.skipif(not mkldnn_packing_available(),
+                                   reason="this torch build has no oneDNN weight packing")
+
+
+@pytest.mark.parametrize("caller_setting", [False, True])
+def test_cudnn_benchmark_is_scoped_to_the_run(caller_setting):
+    """Fast mode turns cuDNN's benchmark mode on for its own convolutions only on CUDA, and the
+    caller's global setting is back when sampling ends, also when it ends in an error."""
+    torch.backends.cudnn.benchmark = caller_setting
+    try:
+        runner = FastRunner(UNet2DModel("tiny"), "cpu", dtype=torch.float32)
+        assert runner.autotune_convs is False          # no cuDNN on the CPU
+        s = Schedule.linear()
+        ts = s.timesteps(2)
+        runner.autotune_convs = not caller_setting
+        seen = []
+        runner.unet.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.benchmark))
+        runner.sample(s.step_table(ts, "fixed_small"), ts, 1, seed=0)
+        assert seen == [not caller_setting] * 2            # both U-Net calls ran with it
+        assert torch.backends.cudnn.benchmark is caller_setting
+        with pytest.raises(ZeroDivisionError), cudnn_benchmark(not caller_setting):
+            assert torch.backends.cudnn.benchmark is not caller_setting
+            1 / 0
+        assert torch.backends.cudnn.benchmark is caller_setting
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("cin, cout, kernel, stride, padding", [
+    (32, 16, 3, 1, 1),      # the ResBlock convolutions
+    (16, 16, 3, 2, 0),      # DDPM's downsampling (after an asymmetric F.pad)
+    (48, 16, 1, 1, 0),      # the 1×1 shortcut
+    (3, 32, 3, 1, 1),       # conv_in: 3 input channels
+])
+def test_packed_conv_equals_conv2d(dtype, tol, cin, cout, kernel, stride, padding):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, kernel, stride, padding).to(dtype).eval()
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    packed = PackedConv2d.wrap(conv)
+    with torch.no_grad():
+        # packed at the first call; later calls with other batch sizes and layouts reuse it
+        for batch, layout in ((2, torch.channels_last), (5, torch.contiguous_format),
+                              (1, torch.channels_last)):
+            x = torch.randn(batch, cin, 9, 9).to(dtype).contiguous(memory_format=layout)
+            expect = F.conv2d(x, weight, bias, stride, padding)
+            got = packed(x)
+            assert got.shape == expect.shape
+            assert (got.float() - expect.float()).abs().max() <= tol * expect.abs().max()
+    assert packed.packed_weight is not None
+
+
+@needs_packing
+def test_packed_conv_trains_like_conv2d():
+    """With autograd on, the plain convolution runs: gradients reach the weight."""
+    conv = PackedConv2d.wrap(torch.nn.Conv2d(4, 4, 3, padding=1))
+    conv(torch.randn(1, 4, 5, 5)).sum().backward()
+    assert conv.weight.grad is not None and conv.packed_weight is None
+
+
+def test_cpu_runner_packs_its_own_copy_only():
+    unet = UNet2DModel("tiny").eval()
+    runner = FastRunner(unet, "cpu", dtype=torch.float32)
+    convs = [m for m in runner.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(isinstance(m, PackedConv2d) for m in convs) == mkldnn_packing_available()
+    assert not any(isinstance(m, PackedConv2d) for m in unet.modules())   # the caller's model
+    assert runner.unet.state_dict().keys() == unet.state_dict().keys()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
+    with torch.no_grad():
+        assert (runner.unet(x.contiguous(memory_format=torch.channels_last), t)
+                - unet(x, t)).abs().max() <= 1e-5
+    assert pack_convolutions(runner.unet) is runner.unet        # a second call changes nothing
