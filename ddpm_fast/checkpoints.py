@@ -305,14 +305,17 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yield a binary file to fill: a temporary file in the same folder, fsynced and renamed to
+    `path` on success, removed on failure. Readers never see half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())     # mkstemp's 0600 would hide outputs from others
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -322,6 +325,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if isinstance(e, OSError) and e.filename is None:      # say which file could not be written
             raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`data` written to `path` atomically (atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 @contextlib.contextmanager

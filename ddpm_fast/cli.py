@@ -3,6 +3,7 @@ any work is done; outputs are written atomically, so a failed run leaves nothing
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -145,27 +146,31 @@ def progress_bar(total: int, images: int, desc: str):
 
 # ---------------------------------------------------------------------- subcommands
 
-def write_images(out: Path, u8, seeds: list[int], args, steps: int) -> None:
+def write_images(out: Path, pieces, seeds: list[int], args, steps: int) -> None:
     """The final output, atomically: a PNG grid, an .npz (uint8 NHWC, as FID tools read it, with
-    the seeds), or a folder with one PNG per seed named by it."""
+    the seeds), or a folder with one PNG per seed named by it. `pieces` yields uint8 [n, H, W, C]
+    arrays in seed order; only the grid needs them all in memory at once."""
     import numpy as np
 
     from . import images as io
 
     suffix = out.suffix.lower()
     if suffix == ".png":
-        io.save_png(out, io.make_grid(u8, scale=args.scale))
+        io.save_png(out, io.make_grid(np.concatenate(list(pieces)), scale=args.scale))
     elif suffix == ".npz":
-        io.save_npz(out, images=u8, seeds=np.asarray(seeds, np.int64), seed=np.int64(args.seed),
-                    steps=np.int64(steps))
+        pieces = iter(pieces)
+        first = next(pieces)                  # its shape gives the header's image shape
+        stream = io.StreamedArray((len(seeds), *first.shape[1:]), np.uint8,
+                                  itertools.chain([first], pieces))
+        io.save_npz(out, images=stream, seeds=np.asarray(seeds, np.int64),
+                    seed=np.int64(args.seed), steps=np.int64(steps))
     else:
-        io.save_folder(out, u8, names=[f"{s:06d}.png" for s in seeds])
+        io.save_folder(out, (im for piece in pieces for im in piece),
+                       names=[f"{s:06d}.png" for s in seeds])
 
 
 def cmd_sample(args) -> int:
     import os
-
-    import numpy as np
 
     from . import distributed
     from . import images as io
@@ -222,8 +227,8 @@ def cmd_sample(args) -> int:
 
     with bar:
         if store is None:
-            u8 = np.concatenate([sample_batch(f, n) for f, n in
-                                 distributed.contiguous_runs(seeds, args.batch_size)])
+            pieces = [sample_batch(f, n) for f, n in
+                      distributed.contiguous_runs(seeds, args.batch_size)]
         else:
             fault = os.environ.get("DDPM_FAST_TEST_KILL_AFTER_SHARDS")
             distributed.sample_to_shards(sample_batch, work, store, args.batch_size,
@@ -232,8 +237,8 @@ def cmd_sample(args) -> int:
         distributed.barrier()
         if not distributed.is_main():
             return 0
-        u8 = store.collect(seeds)
-    write_images(out, u8, seeds, args, steps)
+        pieces = store.iter_images(seeds)
+    write_images(out, pieces, seeds, args, steps)
     kind = "GPU memory" if device.type == "cuda" else "resident memory of the process"
     peak = (f"; peak {kind} {pipe.last_peak_memory / 2**30:.2f} GiB"
             if pipe.last_peak_memory else "")

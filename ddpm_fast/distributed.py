@@ -179,22 +179,30 @@ class ShardStore:
         atomic_write_bytes(npz.with_suffix(".json"), json.dumps(meta).encode())
         return npz
 
-    def collect(self, seeds: list[int]):
-        """uint8 images [N, H, W, C] in the order of `seeds`; every seed must be finished."""
+    def iter_images(self, seeds: list[int], piece: int = 256):
+        """uint8 images in the order of `seeds`, as arrays [≤ piece, H, W, C], holding one shard
+        in memory at a time; every seed must be finished (checked before the first yield)."""
         import numpy as np
 
         where = self.finished()
         missing = [s for s in seeds if s not in where]
         if missing:
             raise ValueError(f"{len(missing)} seeds have no finished shard (first: {missing[0]})")
-        cache, out = {}, []
-        for s in seeds:
-            f = where[s]
-            if f not in cache:
-                with np.load(f) as z:
-                    cache = {f: {int(k): im for k, im in zip(z["seeds"], z["images"])}}
-            out.append(cache[f][s])
-        return np.stack(out)
+
+        def images():
+            loaded, out = None, []
+            for s in seeds:
+                if loaded is None or loaded[0] != where[s]:
+                    with np.load(where[s]) as z:
+                        loaded = (where[s], {int(k): im for k, im in zip(z["seeds"], z["images"])})
+                out.append(loaded[1][s])
+                if len(out) == piece:
+                    yield np.stack(out)
+                    out = []
+            if out:
+                yield np.stack(out)
+
+        return images()
 
 
 def my_shards(seeds: list[int], store: ShardStore, shard_size: int) -> list[list[int]]:

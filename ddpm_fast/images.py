@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import io
 import math
+import zipfile
 from pathlib import Path
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
 
-from .checkpoints import atomic_dir, atomic_write_bytes
+from .checkpoints import atomic_dir, atomic_file, atomic_write_bytes
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -47,16 +49,47 @@ def save_png(path: Path, image: np.ndarray) -> None:
     atomic_write_bytes(Path(path), png_bytes(image))
 
 
+class StreamedArray(NamedTuple):
+    """An array too large to hold at once, for save_npz: its full shape and dtype, and the
+    pieces along the first axis in order (an iterable of arrays)."""
+    shape: tuple
+    dtype: np.dtype
+    pieces: Iterable[np.ndarray]
+
+
+def _write_streamed(member, a: StreamedArray, name: str) -> None:
+    dtype = np.dtype(a.dtype)
+    np.lib.format.write_array_header_1_0(member, {
+        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+        "shape": tuple(a.shape)})
+    rows = 0
+    for piece in a.pieces:
+        if piece.dtype != dtype or piece.shape[1:] != tuple(a.shape[1:]):
+            raise ValueError(f"{name}: a piece of shape {piece.shape} and dtype {piece.dtype} "
+                             f"does not fit {tuple(a.shape)} {dtype}")
+        rows += piece.shape[0]
+        member.write(np.ascontiguousarray(piece).tobytes())
+    if rows != a.shape[0]:
+        raise ValueError(f"{name}: {rows} rows written, the header says {a.shape[0]}")
+
+
 def save_npz(path: Path, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    """np.savez's format (a zip of .npy members, stored uncompressed), written atomically.
+    A StreamedArray is written piece by piece, so a 50,000-image merge never holds all of them
+    in memory."""
+    with atomic_file(Path(path)) as f, \
+            zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                if isinstance(a, StreamedArray):
+                    _write_streamed(member, a, name)
+                else:
+                    np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
 
 
-def save_folder(path: Path, images: np.ndarray, names=None) -> None:
-    """One PNG per image (named 000000.png, … or by `names`), written into a temporary folder
-    that is renamed into place."""
-    names = names or [f"{i:06d}.png" for i in range(len(images))]
+def save_folder(path: Path, images: Iterable[np.ndarray], names: Iterable[str]) -> None:
+    """One PNG per image under the given file names, written into a temporary folder that is
+    renamed into place. `images` may be any iterable of [H, W, C] arrays (a generator too)."""
     with atomic_dir(path) as tmp:
-        for name, im in zip(names, images):
+        for name, im in zip(names, images, strict=True):
             (tmp / name).write_bytes(png_bytes(im))
