@@ -109,7 +109,7 @@ class FastRunner:
         self.dtype = dtype or default_dtype(device)
         # channels_last on the CPU too: the U-Net's attention blocks hand back channels_last
         # views, so an NCHW model switched layout there and every later convolution cloned its
-        # weight per call; one layout throughout measured 1.06-1.11x per step on the 2-core CPU
+        # weight per call; one layout throughout measured 1.02-1.11x per step on the 2-core CPU
         # (CIFAR-10 batch 1 and 8, bf16 and fp32; benchmarks/sample_throughput.py)
         self.channels_last = True if channels_last is None else channels_last
         # cuDNN benchmark mode (see the module docstring); the CPU has no cuDNN
