@@ -606,13 +606,14 @@ def main(argv=None) -> int:
         print("ddpm-fast: error: --seed must be non-negative", file=sys.stderr)
         return 2
     from .sampling import NonFiniteError
+    from .training import TrainingDivergedError
 
     try:
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"ddpm-fast: error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteError, OSError) as e:     # a diverging model, a full disk: not bad input
+    except (NonFiniteError, TrainingDivergedError, OSError) as e:   # not bad input: exit 1
         print(f"ddpm-fast: error: {e}", file=sys.stderr)
         return 1
 

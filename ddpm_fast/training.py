@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,8 +62,10 @@ def l_simple(unet, schedule: Schedule, x0: torch.Tensor, generator=None,
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    """ema ← ema + (1 − decay)(model − ema) for every parameter, as one multi-tensor op (one
+    kernel launch on a GPU, not one per parameter)."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()],
+                         1 - decay)
 
 
 def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig,
@@ -145,7 +148,9 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
     torch.manual_seed(cfg.seed + rank)       # ranks draw different batches, times and noise
     model = unet.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    # the fused CUDA AdamW updates every parameter in a few kernels instead of a loop of them
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0,
+                            fused=torch.device(device).type == "cuda")
     autocast_dtype = AUTOCAST_DTYPES[cfg.precision]
     # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range and needs none
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.precision == "fp16")
@@ -158,7 +163,8 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
     # every rank's model (and EMA) stays identical; the global batch is world_size × batch_size
     net = (torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model)
     data = data.to(device)
-    losses, t0 = [], time.perf_counter()
+    # losses stay on the device until a log line or the end needs them: no host sync per step
+    losses, pending, t0 = [], [], time.perf_counter()
     while step < cfg.steps:
         idx = torch.randint(0, data.shape[0], (cfg.batch_size,), device=device)
         x0 = data[idx]
@@ -176,14 +182,37 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
         scaler.update()
         ema_update(ema, model, cfg.ema_decay)
         step += 1
-        losses.append(loss.item())
-        if cfg.log_every and step % cfg.log_every == 0 and rank == 0:
+        pending.append(loss.detach())
+        logging = bool(cfg.log_every) and step % cfg.log_every == 0
+        saving = folder is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps)
+        if logging or saving or step == cfg.steps:
+            losses += _host_losses(pending, step, scaler.is_enabled())
+            pending = []
+        if logging and rank == 0:
             recent = losses[-cfg.log_every:]
             log(f"step {step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
                 f"({(time.perf_counter() - t0) / step:.3f} s/step)")
-        if folder and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+        if saving:
             save_checkpoint(folder, model, ema, opt, step, cfg, scaler)
     return ema, losses
+
+
+class TrainingDivergedError(RuntimeError):
+    """The L_simple loss became NaN or Inf; the message names the first such step."""
+
+
+def _host_losses(pending: list, step: int, scaled: bool) -> list[float]:
+    """The device losses of the last len(pending) steps (ending at `step`) as floats, in one
+    sync. A NaN/Inf loss stops training before a checkpoint can save broken weights; with fp16's
+    gradient scaler, whose overflowing steps are skipped, only if the latest loss is one."""
+    values = torch.stack(pending).float().tolist()
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad and (not scaled or bad[-1] == len(values) - 1):
+        first = step - len(values) + bad[0] + 1
+        raise TrainingDivergedError(
+            f"training diverged: the loss is {values[bad[0]]} at step {first} (checked at step "
+            f"{step}); lower --lr, or train with --precision bf16 or fp32")
+    return values
 
 
 DIGITS_CONFIG = UNetConfig(

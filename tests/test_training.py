@@ -156,3 +156,31 @@ def test_two_process_gloo_training(tmp_path):
     assert (out / "latest").read_text() == "step-00000003"
     states = torch.load(out / "step-00000003" / "rng.pt", weights_only=True)["torch"]
     assert len(states) == 2                               # each rank's RNG, for exact resume
+
+
+def test_nan_loss_stops_training_before_a_checkpoint(tmp_path):
+    """A NaN loss ends training with an error naming the step, before any checkpoint could keep
+    the broken weights (the losses are read back at log and checkpoint steps, not every step)."""
+    from ddpm_fast.training import TrainingDivergedError
+
+    data = torch.full((8, 1, 8, 8), float("nan"))
+    cfg = TrainConfig(steps=6, batch_size=4, log_every=3, checkpoint_every=3)
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan at step 1 \(checked at step 3\)"):
+        train(_model(), data, cfg, out_dir=tmp_path / "run", log=_quiet)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_fp16_scaler_skips_are_not_divergence():
+    """Under fp16's gradient scaler an overflowing step is skipped, so an Inf loss inside the
+    window is tolerated; one at the latest step is not."""
+    from ddpm_fast.training import TrainingDivergedError, _host_losses
+
+    inf = float("inf")
+    window = [torch.tensor(v) for v in (0.5, inf, 0.4)]
+    assert _host_losses(window, 3, scaled=True)[::2] == [0.5, 0.4000000059604645]
+    with pytest.raises(TrainingDivergedError, match=r"inf at step 2 \(checked at step 3\)"):
+        _host_losses(window, 3, scaled=False)
+    with pytest.raises(TrainingDivergedError, match=r"inf at step 2 \(checked at step 3\)"):
+        _host_losses(window[:2] + [torch.tensor(inf)], 3, scaled=True)
+    with pytest.raises(TrainingDivergedError, match=r"nan at step 3 \(checked at step 3\)"):
+        _host_losses(window[:1] + [torch.tensor(0.3), torch.tensor(float("nan"))], 3, scaled=True)
