@@ -219,12 +219,11 @@ def provider_ours(mode, compile=None, autotune_convs=None):
     def build(unet, batch, device, args):
         import ddpm_fast
 
+        if autotune_convs is not None and device.type != "cuda":
+            raise RuntimeError("cuDNN autotuning is a CUDA setting")
         pipe = ddpm_fast.DDPMPipeline.from_diffusers_unet(unet, scheduler_config(), mode=mode,
-                                                          device=device, compile=compile)
-        if autotune_convs is not None:
-            if device.type != "cuda":
-                raise RuntimeError("cuDNN autotuning is a CUDA setting")
-            pipe.runner.autotune_convs = autotune_convs
+                                                          device=device, compile=compile,
+                                                          autotune_convs=autotune_convs)
         return pipe.benchmark_step_fn(batch)
 
     return build

@@ -12,7 +12,10 @@
   CUDA graph and replayed for every step; nothing touches the host inside the loop.
 - cuDNN's benchmark mode is on while the runner works on CUDA: a run repeats the same
   convolution shapes hundreds of times, so timing the candidate algorithms once (at warm-up,
-  before capture) is paid back many times. The global flag is restored afterwards.
+  before capture) is paid back many times. The global flag is restored afterwards. Timing can
+  pick other algorithms in another process, so images may differ in their last bits from run
+  to run; with torch.use_deterministic_algorithms(True) or cudnn.deterministic set, or
+  autotune_convs=False, it stays off.
 """
 from __future__ import annotations
 
@@ -42,6 +45,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
     except (AttributeError, RuntimeError):
         fast_bf16 = False
     return torch.bfloat16 if fast_bf16 else torch.float32
+
+
+def default_autotune(device: torch.device) -> bool:
+    """cuDNN benchmark mode by default on CUDA, unless the caller asked for deterministic
+    algorithms (benchmark mode's choice can change from process to process)."""
+    return (torch.device(device).type == "cuda"
+            and not torch.are_deterministic_algorithms_enabled()
+            and not torch.backends.cudnn.deterministic)
 
 
 @contextlib.contextmanager
@@ -113,7 +124,8 @@ class FastRunner:
         # (CIFAR-10 batch 1 and 8, bf16 and fp32; benchmarks/sample_throughput.py)
         self.channels_last = True if channels_last is None else channels_last
         # cuDNN benchmark mode (see the module docstring); the CPU has no cuDNN
-        self.autotune_convs = on_gpu if autotune_convs is None else autotune_convs
+        self.autotune_convs = (default_autotune(device) if autotune_convs is None
+                               else autotune_convs)
         self.use_graphs = on_gpu if use_graphs is None else use_graphs
         if self.use_graphs and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")

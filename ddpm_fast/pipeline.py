@@ -54,7 +54,7 @@ class DDPMPipeline:
     def __init__(self, unet: UNet2DModel, scheduler_config: Optional[dict] = None, *,
                  mode: str = "reference", device=None, numerics: Optional[str] = None,
                  dtype: Optional[torch.dtype] = None, use_graphs: Optional[bool] = None,
-                 compile: Optional[bool] = None):
+                 compile: Optional[bool] = None, autotune_convs: Optional[bool] = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -68,7 +68,8 @@ class DDPMPipeline:
             raise ValueError(f"scheduler variance_type {self.variance!r} is not supported "
                              f"(supported: {', '.join(VARIANCE_TYPES)})")
         self.clip = bool(self.scheduler_config.get("clip_sample", True))
-        self._fast_args = dict(dtype=dtype, use_graphs=use_graphs, compile=compile)
+        self._fast_args = dict(dtype=dtype, use_graphs=use_graphs, compile=compile,
+                               autotune_convs=autotune_convs)
         self._runner = None
         self.last_peak_memory: Optional[int] = None   # bytes, after each call (ddpm_fast.memory)
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_fast.fast import (FastRunner, PackedConv2d, cudnn_benchmark, mkldnn_packing_available,
-                            pack_convolutions)
+from ddpm_fast.fast import (FastRunner, PackedConv2d, cudnn_benchmark, default_autotune,
+                            mkldnn_packing_available, pack_convolutions)
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.unet import UNet2DModel
 
@@ -34,6 +34,16 @@ def test_cudnn_benchmark_is_scoped_to_the_run(caller_setting):
         assert torch.backends.cudnn.benchmark is caller_setting
     finally:
         torch.backends.cudnn.benchmark = False
+
+
+def test_autotuning_yields_to_determinism(monkeypatch):
+    cuda = torch.device("cuda")
+    assert default_autotune(cuda) and not default_autotune(torch.device("cpu"))
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    assert not default_autotune(cuda)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not default_autotune(cuda)
 
 
 @needs_packing
