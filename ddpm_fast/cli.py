@@ -125,7 +125,9 @@ def load_pipeline(args, device):
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
              "fp16": torch.float16}[getattr(args, "dtype", "auto")]
     try:
-        return DDPMPipeline.from_pretrained(path, mode=args.mode, device=device, dtype=dtype)
+        autotune = False if getattr(args, "no_autotune", False) else None   # None: the default
+        return DDPMPipeline.from_pretrained(path, mode=args.mode, device=device, dtype=dtype,
+                                            autotune_convs=autotune)
     except CheckpointError as e:
         raise UsageError(str(e))
 
@@ -511,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast mode's U-Net precision (auto: bf16 on GPUs and on CPUs with native "
                    "bf16 convolutions, else fp32; fp32 makes images bit-identical across batch "
                    "sizes on the CPU)")
+    s.add_argument("--no-autotune", action="store_true",
+                   help="on CUDA, keep cuDNN's heuristic convolution algorithms instead of timing "
+                   "them per run: slower, but every process picks the same ones (reproducible "
+                   "bytes across processes)")
     s.set_defaults(func=cmd_sample)
 
     g = add("progressive", "figure of x̂0 and x_t along sampling")

@@ -209,3 +209,13 @@ def test_missing_gpu_index_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(cli.UsageError, match=r"\(2 visible, cuda:0 to cuda:1\)"):
         cli.resolve_device("cuda:2")
+
+
+def test_no_autotune_reaches_the_fast_runner(tmp_path, capsys, model_dir):
+    import argparse
+
+    args = argparse.Namespace(model=str(model_dir), mode="fast", dtype="auto", no_autotune=True)
+    assert cli.load_pipeline(args, torch.device("cpu")).runner.autotune_convs is False
+    code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 2, "--steps", 2,
+                       "--no-autotune", "--out", tmp_path / "a.png")
+    assert code == 0, err
