@@ -163,7 +163,8 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
     # every rank's model (and EMA) stays identical; the global batch is world_size × batch_size
     net = (torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model)
     data = data.to(device)
-    # losses stay on the device until a log line or the end needs them: no host sync per step
+    # losses stay on the device until a log line, a checkpoint or every 1000th step reads them
+    # (and checks them for NaN/Inf): no host sync per step
     losses, pending, t0 = [], [], time.perf_counter()
     while step < cfg.steps:
         idx = torch.randint(0, data.shape[0], (cfg.batch_size,), device=device)
@@ -185,7 +186,7 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
         pending.append(loss.detach())
         logging = bool(cfg.log_every) and step % cfg.log_every == 0
         saving = folder is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps)
-        if logging or saving or step == cfg.steps:
+        if logging or saving or step == cfg.steps or len(pending) == 1000:
             losses += _host_losses(pending, step, scaler.is_enabled())
             pending = []
         if logging and rank == 0:
