@@ -352,7 +352,8 @@ def cmd_train(args) -> int:
     if out.exists() and not (args.resume or args.overwrite):
         raise UsageError(f"--out {out} exists (pass --resume to continue or --overwrite)")
     try:
-        data = load_dataset(args.data, args.image_size, args.channels, split="train")
+        data = load_dataset(args.data, args.image_size, args.channels, split="train",
+                            as_uint8=True)      # converted a batch at a time by train()
     except ValueError as e:
         raise UsageError(f"--data: {e}")
     base = PRESETS[args.preset] if args.preset else DIGITS_CONFIG

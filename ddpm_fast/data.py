@@ -1,7 +1,9 @@
 """Training and evaluation data: the built-in digits, `.npz`/`.npy` arrays and folders of images.
 
-Every loader returns a float32 tensor [N, C, H, W] in model space [-1, 1] and raises ValueError
-with one line naming the file and the problem before any work is done.
+Every loader returns a float32 tensor [N, C, H, W] in model space [-1, 1], or with
+as_uint8=True (arrays and folders) the uint8 pixels [N, C, H, W], a quarter of the memory, for
+to_model_space to convert a batch at a time; each raises ValueError with one line naming the
+file and the problem before any work is done.
 """
 from __future__ import annotations
 
@@ -37,12 +39,18 @@ def digits_dataset(size: int = 8, split: str = "all") -> torch.Tensor:
     return (x.clamp(0, 1) * 2 - 1).contiguous()
 
 
-def uint8_to_model(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, C] → float32 [N, C, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+def to_model_space(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [N, C, H, W] → float32 in [-1, 1]; float images pass through unchanged."""
+    return images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images
 
 
-def load_array(path: Path) -> torch.Tensor:
+def from_nhwc_uint8(images: np.ndarray, as_uint8: bool = False) -> torch.Tensor:
+    """uint8 [N, H, W, C] → [N, C, H, W]: uint8 pixels, or float32 in model space."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return x.contiguous() if as_uint8 else to_model_space(x)
+
+
+def load_array(path: Path, as_uint8: bool = False) -> torch.Tensor:
     """uint8 images [N, H, W, C] from an .npy or the first array of an .npz (the layout FID tools
     and our own `sample --out x.npz` use)."""
     try:
@@ -56,7 +64,7 @@ def load_array(path: Path) -> torch.Tensor:
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3):
         raise ValueError(f"{path}: expected uint8 images [N, H, W, C] with C = 1 or 3, got "
                          f"{arr.dtype} {tuple(arr.shape)}")
-    return uint8_to_model(arr)
+    return from_nhwc_uint8(arr, as_uint8)
 
 
 def _square(image, size: int):
@@ -73,7 +81,8 @@ def _square(image, size: int):
     return image
 
 
-def load_image_folder(path: Path, size: int, channels: int = 3) -> torch.Tensor:
+def load_image_folder(path: Path, size: int, channels: int = 3, as_uint8: bool = False
+                      ) -> torch.Tensor:
     """Every PNG/JPEG/BMP/WebP under `path` (recursively, sorted by name), centre-cropped and
     resized to size×size, as grey (channels=1) or RGB (channels=3)."""
     from PIL import Image, UnidentifiedImageError
@@ -91,26 +100,27 @@ def load_image_folder(path: Path, size: int, channels: int = 3) -> torch.Tensor:
                 out[i] = np.asarray(im).reshape(size, size, channels)
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{f}: not a readable image ({e})") from None
-    return uint8_to_model(out)
+    return from_nhwc_uint8(out, as_uint8)
 
 
 def load_dataset(spec: str, size: int | None = None, channels: int | None = None,
-                 split: str = "all") -> torch.Tensor:
+                 split: str = "all", as_uint8: bool = False) -> torch.Tensor:
     """'digits' (split applies), an .npz/.npy of uint8 images, or a folder of images (resized to
     `size`, default 32, with `channels`, default 3). Arrays and the digits must already have the
-    `channels` asked for, and arrays the `size`."""
+    `channels` asked for, and arrays the `size`. as_uint8 keeps arrays and folders as uint8
+    pixels (the digits, 17 grey levels scaled, are always float)."""
     if spec == "digits":
         if channels not in (None, 1):
             raise ValueError(f"the digits are single-channel, expected {channels} channels")
         return digits_dataset(size or 8, split)
     path = Path(spec)
     if path.is_dir():
-        return load_image_folder(path, size or 32, channels or 3)
+        return load_image_folder(path, size or 32, channels or 3, as_uint8)
     if not path.is_file():
         raise ValueError(f"data {spec!r}: not 'digits', an existing .npz/.npy file or a folder")
     if path.suffix.lower() not in (".npz", ".npy"):
         raise ValueError(f"{path}: expected an .npz/.npy array file or a folder of images")
-    data = load_array(path)
+    data = load_array(path, as_uint8)
     if size is not None and data.shape[2:] != (size, size):
         raise ValueError(f"{path}: images are {data.shape[2]}×{data.shape[3]}, expected "
                          f"{size}×{size}")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .checkpoints import atomic_dir, atomic_write_bytes
 from .data import digits_dataset  # noqa: F401  (re-exported: the shipped model's data)
+from .data import to_model_space
 from .sampling import q_sample
 from .schedule import Schedule
 from .unet import UNet2DModel, UNetConfig
@@ -133,7 +134,9 @@ def load_checkpoint(folder: Path, model, ema, opt, scaler=None) -> int:
 def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
           schedule: Optional[Schedule] = None, resume: bool = False, device="cpu",
           log: Callable[[str], None] = print) -> tuple[UNet2DModel, list[float]]:
-    """Train on `data` ([N, C, H, W] in [-1, 1]); returns the EMA model and the loss curve."""
+    """Train on `data` ([N, C, H, W]: float in [-1, 1], or uint8 pixels converted a batch at a
+    time, which keeps a large dataset in a quarter of the memory); returns the EMA model and
+    the loss curve."""
     if data.ndim != 4 or data.shape[1:] != (unet.config.in_channels, unet.config.sample_size,
                                             unet.config.sample_size):
         raise ValueError(f"data shape {tuple(data.shape)} does not fit the model "
@@ -168,7 +171,7 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
     losses, pending, t0 = [], [], time.perf_counter()
     while step < cfg.steps:
         idx = torch.randint(0, data.shape[0], (cfg.batch_size,), device=device)
-        x0 = data[idx]
+        x0 = to_model_space(data[idx])
         if cfg.hflip:
             flip = torch.rand(cfg.batch_size, device=device) < 0.5
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_fast.data import DIGITS_HELD_OUT, digits_dataset, load_dataset
+from ddpm_fast.data import DIGITS_HELD_OUT, digits_dataset, load_dataset, to_model_space
 
 pytest.importorskip("sklearn")
 
@@ -23,6 +23,26 @@ def test_npz_roundtrip(tmp_path):
     assert x.shape == (5, 3, 8, 8)
     back = ((x + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
     assert np.array_equal(back, images)
+
+
+
+@pytest.mark.parametrize("kind", ["npz", "folder"])
+def test_uint8_storage_converts_to_the_float_load(tmp_path, kind):
+    """as_uint8 keeps the pixels (a quarter of float32's memory, for training on large sets);
+    to_model_space gives exactly what the float loader gives."""
+    images = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    if kind == "npz":
+        np.savez(tmp_path / "x.npz", images=images)
+        spec = str(tmp_path / "x.npz")
+    else:
+        for i, im in enumerate(images):
+            Image.fromarray(im).save(tmp_path / f"{i}.png")
+        spec = str(tmp_path)
+    stored = load_dataset(spec, size=8, channels=3, as_uint8=True)
+    assert stored.dtype == torch.uint8 and stored.shape == (4, 3, 8, 8)
+    assert torch.equal(to_model_space(stored), load_dataset(spec, size=8, channels=3))
+    digits = digits_dataset(8, "test")
+    assert to_model_space(digits) is digits                       # float passes through
 
 
 @pytest.mark.parametrize("array, message", [

@@ -184,3 +184,15 @@ def test_fp16_scaler_skips_are_not_divergence():
         _host_losses(window[:2] + [torch.tensor(inf)], 3, scaled=True)
     with pytest.raises(TrainingDivergedError, match=r"nan at step 3 \(checked at step 3\)"):
         _host_losses(window[:1] + [torch.tensor(0.3), torch.tensor(float("nan"))], 3, scaled=True)
+
+
+def test_uint8_data_trains_like_float_data():
+    """Pixels kept as uint8 and converted a batch at a time: the same losses, bit for bit."""
+    from ddpm_fast.data import to_model_space
+
+    pixels = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=5, batch_size=8, log_every=0, checkpoint_every=10**9, hflip=True)
+    _, from_uint8 = train(_model(), pixels, cfg, log=_quiet)
+    _, from_float = train(_model(), to_model_space(pixels), cfg, log=_quiet)
+    assert from_uint8 == from_float
