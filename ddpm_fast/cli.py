@@ -279,16 +279,17 @@ def cmd_progressive(args) -> int:
 def real_images(args, pipe, count: int):
     """The first `count` real images in model space, shaped for the model: held-out digits, an
     .npz/.npy of uint8, or a folder (load_dataset checks size and channels)."""
-    from .data import load_dataset
+    from .data import load_dataset, to_model_space
 
     c = pipe.unet.config
     try:
-        data = load_dataset(args.images, c.sample_size, c.in_channels, split="test")[:count]
+        data = load_dataset(args.images, c.sample_size, c.in_channels, split="test",
+                            as_uint8=True)[:count]
     except ValueError as e:
         raise UsageError(f"--images: {e}")
     if data.shape[0] < count:
         raise UsageError(f"need {count} images, found {data.shape[0]}")
-    return data.to(pipe.device)
+    return to_model_space(data).to(pipe.device)
 
 
 def cmd_from_t(args) -> int:
@@ -404,7 +405,7 @@ def cmd_convert(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .data import load_dataset
+    from .data import load_dataset, to_model_space
     from .training import bits_per_dim
 
     device = resolve_device(args.device)
@@ -417,7 +418,8 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--data is needed for this {c.in_channels}×{c.sample_size}² model: held-out "
                          "images as an .npz/.npy of uint8 [N,H,W,C] or a folder")
     try:     # the digits' held-out split; other data is used as given (keep it held out)
-        data = load_dataset(spec, c.sample_size, c.in_channels, split="test")[:args.num]
+        data = to_model_space(load_dataset(spec, c.sample_size, c.in_channels, split="test",
+                                           as_uint8=True)[:args.num])
     except ValueError as e:
         raise UsageError(f"--data: {e}")
     data = ((data + 1) * 127.5).round() / 127.5 - 1       # 8-bit data for the discrete decoder
