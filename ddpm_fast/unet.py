@@ -407,14 +407,18 @@ class UNet2DModel(nn.Module):
         return TimeProjections(torch.cat([b.time_emb_proj(F.silu(temb)) for b in self.resnets()],
                                          dim=1))
 
-    def set_kernels(self, kernels: str) -> "UNet2DModel":
+    def set_kernels(self, kernels: str, attention: Optional[str] = None) -> "UNet2DModel":
         """"reference": torch ops (bit-compatible with diffusers); "fused": ddpm_fast.ops
-        GroupNorm(+add, +SiLU) kernels. Weights and parameter names are unchanged."""
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        GroupNorm(+add, +SiLU) kernels, and in the attention blocks the attention op with the
+        residual folded into the output GEMM. `attention` gives the attention blocks another
+        choice (default: the same). Weights and parameter names are unchanged."""
+        attention = attention or kernels
+        for choice in (kernels, attention):
+            if choice not in KERNELS:
+                raise ValueError(f"kernels must be one of {KERNELS}, got {choice!r}")
         for m in self.modules():          # this model and each ResBlock / attention block
             if hasattr(m, "fused"):
-                m.fused = kernels == "fused"
+                m.fused = (attention if isinstance(m, Attention) else kernels) == "fused"
         return self
 
     def fuse_qkv(self) -> "UNet2DModel":

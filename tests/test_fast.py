@@ -91,3 +91,20 @@ def test_cpu_runner_packs_its_own_copy_only():
         assert (runner.unet(x.contiguous(memory_format=torch.channels_last), t)
                 - unet(x, t)).abs().max() <= 1e-5
     assert pack_convolutions(runner.unet) is runner.unet        # a second call changes nothing
+
+
+def test_cpu_default_kernels():
+    """The CPU fast path runs the C++ GroupNorm(+add, +SiLU) and torch's attention blocks (the
+    mix that measured fastest there); the caller's model keeps torch's ops."""
+    from ddpm_fast import _native
+    from ddpm_fast.unet import Attention, ResnetBlock2D
+
+    unet = UNet2DModel("tiny").eval()
+    runner = FastRunner(unet, "cpu", dtype=torch.float32)
+    blocks = {kind: [m.fused for m in runner.unet.modules() if isinstance(m, kind)]
+              for kind in (ResnetBlock2D, Attention)}
+    assert blocks[ResnetBlock2D] and blocks[Attention]
+    assert all(blocks[ResnetBlock2D]) == _native.available() and not any(blocks[Attention])
+    assert unet.kernels == "reference"
+    explicit = FastRunner(unet, "cpu", dtype=torch.float32, kernels="fused")
+    assert all(m.fused for m in explicit.unet.modules() if isinstance(m, Attention))

@@ -75,6 +75,8 @@ def test_fused_kernels_equal_reference(name):
 def test_set_kernels_rejects_unknown():
     with pytest.raises(ValueError, match="kernels must be one of"):
         UNet2DModel("tiny").set_kernels("cuda")
+    with pytest.raises(ValueError, match="got 'flash'"):
+        UNet2DModel("tiny").set_kernels("fused", attention="flash")
 
 
 @pytest.mark.parametrize("kernels", ["reference", "fused"])
