@@ -80,8 +80,9 @@ def mkldnn_packing_available() -> bool:
 class PackedConv2d(torch.nn.Conv2d):
     """A CPU inference Conv2d whose weight oneDNN reorders into its own blocked layout once, at
     the first call, instead of at every call. The packed copy serves any input size and layout
-    with bit-identical outputs; it is not refreshed, so use it on frozen weights only (the fast
-    runner's private copy). Grad mode and torch.compile take the plain convolution."""
+    (the fast runner's channels_last U-Net gave bit-identical outputs; tests allow bf16
+    rounding); it is not refreshed, so use it on frozen weights only (the fast runner's private
+    copy). Grad mode and torch.compile take the plain convolution."""
 
     @classmethod
     def wrap(cls, conv: torch.nn.Conv2d) -> "PackedConv2d":
