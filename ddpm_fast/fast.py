@@ -154,6 +154,8 @@ class FastRunner:
             self.unet.set_kernels("fused", attention="reference")
         else:
             self.unet.set_kernels("reference")
+        for norm in self.unet.fused_norms():      # the op's fp32 affine: cast once, not per call
+            norm.float()
         self.model = torch.compile(self.unet, fullgraph=True) if compile else self.unet
         self._graphs: dict = {}
 

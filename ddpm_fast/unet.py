@@ -421,6 +421,17 @@ class UNet2DModel(nn.Module):
                 m.fused = (attention if isinstance(m, Attention) else kernels) == "fused"
         return self
 
+    def fused_norms(self) -> list[nn.GroupNorm]:
+        """The GroupNorms that run through ddpm_fast.ops.group_norm under the current kernels
+        (that op reads its weight and bias as fp32)."""
+        norms = [self.conv_norm_out] if self.fused else []
+        for m in self.modules():
+            if isinstance(m, ResnetBlock2D) and m.fused:
+                norms += [m.norm1, m.norm2]
+            elif isinstance(m, Attention) and m.fused:
+                norms.append(m.group_norm)
+        return norms
+
     def fuse_qkv(self) -> "UNet2DModel":
         """Every attention block's q/k/v projections as one GEMM (Attention.fuse_qkv)."""
         for m in self.modules():

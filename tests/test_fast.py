@@ -108,3 +108,25 @@ def test_cpu_default_kernels():
     assert unet.kernels == "reference"
     explicit = FastRunner(unet, "cpu", dtype=torch.float32, kernels="fused")
     assert all(m.fused for m in explicit.unet.modules() if isinstance(m, Attention))
+
+
+def test_fused_norms_keep_fp32_affine_once():
+    """The fused GroupNorm reads fp32 weight and bias: the bf16 runner casts them once instead
+    of at every call, with the same output as casting per call."""
+    from ddpm_fast import _native
+
+    if not _native.available():
+        pytest.skip("the CPU fast path fuses no norms without the native module")
+    unet = UNet2DModel("tiny").eval()
+    runner = FastRunner(unet, "cpu", dtype=torch.bfloat16)
+    norms = runner.unet.fused_norms()
+    assert norms and all(n.weight.dtype == n.bias.dtype == torch.float32 for n in norms)
+    assert runner.unet.conv_in.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 16, 16).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([3, 900])
+    with torch.no_grad():
+        once = runner.unet(x, t)
+        for n in norms:
+            n.to(torch.bfloat16)
+        per_call = runner.unet(x, t)
+    assert torch.equal(once, per_call)
