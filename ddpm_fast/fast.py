@@ -84,28 +84,35 @@ class PackedConv2d(torch.nn.Conv2d):
     rounding); it is not refreshed, so use it on frozen weights only (the fast runner's private
     copy). Grad mode and torch.compile take the plain convolution."""
 
+    @staticmethod
+    def can_wrap(conv: torch.nn.Module) -> bool:
+        """A plain Conv2d with zero padding given as numbers (not "same"/"valid")."""
+        return (type(conv) is torch.nn.Conv2d and conv.padding_mode == "zeros"
+                and isinstance(conv.padding, tuple))
+
     @classmethod
     def wrap(cls, conv: torch.nn.Conv2d) -> "PackedConv2d":
+        if not cls.can_wrap(conv):
+            raise ValueError(f"cannot prepack {conv}")
         conv.__class__ = cls          # same parameters, names and state_dict; new forward
         conv.packed_weight = None
+        conv.conv_args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() or x.device.type != "cpu" or self.padding_mode != "zeros"
-                or torch.compiler.is_compiling() or not isinstance(self.padding, tuple)):
+        if torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(x)
-        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         if self.packed_weight is None:
             self.packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight, *args, list(x.shape))
-        return torch.ops.mkldnn._convolution_pointwise(x, self.packed_weight, self.bias, *args,
-                                                       "none", [], "")
+                self.weight, *self.conv_args, list(x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(x, self.packed_weight, self.bias,
+                                                       *self.conv_args, "none", [], "")
 
 
 def pack_convolutions(model: torch.nn.Module) -> torch.nn.Module:
-    """Every Conv2d of a CPU model made a PackedConv2d (in place)."""
+    """Every Conv2d of a CPU model that can be prepacked made a PackedConv2d (in place)."""
     for m in model.modules():
-        if type(m) is torch.nn.Conv2d:
+        if PackedConv2d.can_wrap(m):
             PackedConv2d.wrap(m)
     return model
 
