@@ -97,7 +97,7 @@ def main(argv=None):
     batches = args.batch or ([1, 64, 256] if device.type == "cuda" else [1, 8])
     # default: fast mode's dtype on this device (bf16 on GPUs and on CPUs with native bf16)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
-    reps = args.reps or (100 if device.type == "cuda" else 100)
+    reps = args.reps or 100
     providers = [b for b in ("native", "triton") if
                  (native_available(device) if b == "native" else
                   device.type == "cuda" and triton_available(device))]

@@ -66,6 +66,13 @@ def positive(name):
     return parse
 
 
+def dtype_named(name: str):
+    """The torch dtype of a --dtype choice (fp32, bf16, fp16)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 def batch_size_arg(text):
     """--batch-size: a positive integer, or "auto" (the largest that fits in memory)."""
     return "auto" if text == "auto" else positive("--batch-size")(text)
@@ -119,11 +126,9 @@ def load_pipeline(args, device):
     from .checkpoints import CheckpointError
     from .pipeline import DDPMPipeline
 
-    import torch
-
     path = Path(args.model) if args.model else default_model_path()
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
-             "fp16": torch.float16}[getattr(args, "dtype", "auto")]
+    name = getattr(args, "dtype", "auto")
+    dtype = None if name == "auto" else dtype_named(name)
     try:
         autotune = False if getattr(args, "no_autotune", False) else None   # None: the default
         return DDPMPipeline.from_pretrained(path, mode=args.mode, device=device, dtype=dtype,
@@ -379,8 +384,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    import torch
-
     from .checkpoints import (CheckpointError, atomic_dir, load_scheduler_config, load_unet,
                               save_pretrained)
 
@@ -392,7 +395,7 @@ def cmd_convert(args) -> int:
         scheduler = load_scheduler_config(args.source)
     except CheckpointError as e:
         raise UsageError(str(e))
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    dtype = dtype_named(args.dtype)
     with atomic_dir(out) as tmp:             # the whole folder appears at once, or not at all
         save_pretrained(unet, tmp, scheduler, dtype=dtype)
     c = unet.config
