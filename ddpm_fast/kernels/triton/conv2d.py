@@ -1,0 +1,245 @@
+"""Triton implicit-GEMM convolution with the norm in its prologue and the adds in its epilogue.
+
+GEMM view: rows = one image's output pixels (BLOCK_M of them per program), columns = output
+channels (BLOCK_N), reduction = taps × input channels (BLOCK_K channels per step). One image per
+program (grid axis 2), so the per-(image, channel) norm scale/shift and temb are 1-D loads.
+
+Prologue (registers, before the dot): the A tile is gathered from x (or from skip for the channels
+past x's), transformed u·scale + shift → SiLU, then zeroed where the tap falls in the padding —
+after the SiLU, since silu(shift) ≠ 0. Upsampling reads pixel (ih // 2, iw // 2).
+Epilogue (registers, before the store): + bias + temb + residual; the 1×1 shortcut runs as extra
+reduction steps over the raw shortcut input into the same accumulator. With STATS each program
+writes its tile's per-channel (count, mean, M2), two-pass over the fp32 accumulator.
+
+Weights are read through their strides: a [Cout, Cin, KH, KW] tensor whose memory is laid out
+[KH, KW, Cin, Cout] (what the fast runner stores) makes the B tile's rows contiguous.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _mma_step(acc, a, w_ptr, k_idx, k_mask, co, co_mask, sw_k, sw_co,
+              IEEE: tl.constexpr):
+    """acc += a [BM, BK] @ w[k_idx, co] [BK, BN]."""
+    b = tl.load(w_ptr + k_idx[:, None] * sw_k + co[None, :] * sw_co,
+                mask=k_mask[:, None] & co_mask[None, :], other=0.0)
+    if IEEE:
+        return tl.dot(a.to(b.dtype), b, acc, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b, acc)
+
+
+@triton.jit
+def _conv2d_kernel(
+    x_ptr,          # [N, Cx, H, W] any strides sx_*
+    skip_ptr,       # [N, Cs, H, W] strides ss_* (read when HAS_SKIP)
+    w_ptr,          # [Cout, Cx + Cs, KH, KW] strides sw_*
+    bias_ptr,       # [Cout]
+    scale_ptr,      # [N, Cx + Cs] fp32, contiguous (HAS_NORM)
+    shift_ptr,      # [N, Cx + Cs] fp32, contiguous (HAS_NORM)
+    temb_ptr,       # [N or 1, Cout], strides st_n (0 when broadcast), st_c
+    res_ptr,        # [N, Cout, Ho, Wo] strides sr_*
+    scx_ptr,        # shortcut input [N, Cscx, Ho, Wo] strides sq_*
+    scs_ptr,        # shortcut skip [N, Cscs, Ho, Wo] strides sp_*
+    scw_ptr,        # shortcut weight [Cout, Cscx + Cscs], strides sk_co, sk_c
+    scb_ptr,        # shortcut bias [Cout]
+    y_ptr,          # [N, Cout, Ho, Wo] strides sy_*
+    stats_ptr,      # [N, tiles_m, Cout, 3] fp32 contiguous (STATS)
+    Cx, Cs, H, W, Cout, Ho, Wo, Cscx, Cscs, pad_top, pad_left,
+    sx_n, sx_c, sx_h, sx_w, ss_n, ss_c, ss_h, ss_w,
+    sw_co, sw_c, sw_h, sw_w,
+    st_n, st_c, sr_n, sr_c, sr_h, sr_w,
+    sq_n, sq_c, sq_h, sq_w, sp_n, sp_c, sp_h, sp_w, sk_co, sk_c,
+    sy_n, sy_c, sy_h, sy_w,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, UPSAMPLE: tl.constexpr,
+    HAS_SKIP: tl.constexpr, HAS_NORM: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_TEMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SC: tl.constexpr,
+    SC_HAS_SKIP: tl.constexpr, SC_HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # output pixel within the image
+    p_mask = p < Ho * Wo
+    oh = p // Wo
+    ow = p % Wo
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_mask = co < Cout
+    kk = tl.arange(0, BLOCK_K)
+    cin = Cx + Cs
+    if UPSAMPLE:
+        hu = 2 * H
+        wu = 2 * W
+    else:
+        hu = H
+        wu = W
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One flat reduction loop (what the software pipeliner wants): each step is one tap and
+    # BLOCK_K channels of x, or, past x's chunks, of skip (the up blocks' concatenation).
+    chunks_x = tl.cdiv(Cx, BLOCK_K)
+    chunks_tap = chunks_x + tl.cdiv(Cs, BLOCK_K)
+    for step in range(KH * KW * chunks_tap):
+        tap = step // chunks_tap
+        j = step % chunks_tap
+        ih = oh * STRIDE - pad_top + tap // KW            # in (upsampled) input coordinates
+        iw = ow * STRIDE - pad_left + tap % KW
+        inside = p_mask & (ih >= 0) & (ih < hu) & (iw >= 0) & (iw < wu)
+        if UPSAMPLE:
+            ih = ih // 2
+            iw = iw // 2
+        ih = tl.where(inside, ih, 0)
+        iw = tl.where(inside, iw, 0)
+        if HAS_SKIP:
+            in_skip = j >= chunks_x
+            c = tl.where(in_skip, j - chunks_x, j) * BLOCK_K + kk
+            c_mask = c < tl.where(in_skip, Cs, Cx)
+            c_global = tl.where(in_skip, Cx, 0) + c
+            ptrs = tl.where(in_skip,
+                            skip_ptr + n * ss_n + (ih * ss_h + iw * ss_w)[:, None]
+                            + c[None, :] * ss_c,
+                            x_ptr + n * sx_n + (ih * sx_h + iw * sx_w)[:, None]
+                            + c[None, :] * sx_c)
+        else:
+            c = j * BLOCK_K + kk
+            c_mask = c < Cx
+            c_global = c
+            ptrs = x_ptr + n * sx_n + (ih * sx_h + iw * sx_w)[:, None] + c[None, :] * sx_c
+        a_mask = inside[:, None] & c_mask[None, :]
+        a = tl.load(ptrs, mask=a_mask, other=0.0)
+        if HAS_NORM or SILU:
+            a = a.to(tl.float32)
+            if HAS_NORM:
+                sc = tl.load(scale_ptr + n * cin + c_global, mask=c_mask, other=0.0)
+                sh = tl.load(shift_ptr + n * cin + c_global, mask=c_mask, other=0.0)
+                a = a * sc[None, :] + sh[None, :]
+            if SILU:
+                a = a / (1.0 + tl.exp(-a))
+            a = tl.where(a_mask, a, 0.0)                  # padding is zero after the transform
+        acc = _mma_step(acc, a, w_ptr + (tap // KW) * sw_h + (tap % KW) * sw_w, c_global,
+                        c_mask, co, co_mask, sw_c, sw_co, IEEE)
+
+    if HAS_SC:      # 1×1 shortcut of the raw block input, as extra reduction depth
+        chunks_x = tl.cdiv(Cscx, BLOCK_K)
+        for j in range(chunks_x + tl.cdiv(Cscs, BLOCK_K)):
+            if SC_HAS_SKIP:
+                in_skip = j >= chunks_x
+                c = tl.where(in_skip, j - chunks_x, j) * BLOCK_K + kk
+                c_mask = c < tl.where(in_skip, Cscs, Cscx)
+                c_global = tl.where(in_skip, Cscx, 0) + c
+                ptrs = tl.where(in_skip,
+                                scs_ptr + n * sp_n + (oh * sp_h + ow * sp_w)[:, None]
+                                + c[None, :] * sp_c,
+                                scx_ptr + n * sq_n + (oh * sq_h + ow * sq_w)[:, None]
+                                + c[None, :] * sq_c)
+            else:
+                c = j * BLOCK_K + kk
+                c_mask = c < Cscx
+                c_global = c
+                ptrs = scx_ptr + n * sq_n + (oh * sq_h + ow * sq_w)[:, None] + c[None, :] * sq_c
+            a = tl.load(ptrs, mask=p_mask[:, None] & c_mask[None, :], other=0.0)
+            acc = _mma_step(acc, a, scw_ptr, c_global, c_mask, co, co_mask, sk_c, sk_co, IEEE)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+    if SC_HAS_BIAS:
+        acc += tl.load(scb_ptr + co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_TEMB:
+        acc += tl.load(temb_ptr + n * st_n + co * st_c, mask=co_mask,
+                       other=0.0).to(tl.float32)[None, :]
+    out_mask = p_mask[:, None] & co_mask[None, :]
+    if HAS_RES:
+        r = tl.load(res_ptr + n * sr_n + (oh * sr_h + ow * sr_w)[:, None] + co[None, :] * sr_c,
+                    mask=out_mask, other=0.0)
+        acc += r.to(tl.float32)
+    tl.store(y_ptr + n * sy_n + (oh * sy_h + ow * sy_w)[:, None] + co[None, :] * sy_c,
+             acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+    if STATS:       # this tile's per-channel (count, mean, M2): two passes over registers
+        rows = tl.minimum(Ho * Wo - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean = tl.sum(tl.where(out_mask, acc, 0.0), axis=0) / rows
+        d = tl.where(out_mask, acc - mean[None, :], 0.0)
+        m2 = tl.sum(d * d, axis=0)
+        s = stats_ptr + ((n * tl.num_programs(0) + pid_m) * Cout + co) * 3
+        tl.store(s, tl.zeros_like(mean) + rows, mask=co_mask)
+        tl.store(s + 1, mean, mask=co_mask)
+        tl.store(s + 2, m2, mask=co_mask)
+
+
+def _pow2_at_least(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def tile_config(pixels: int, cout: int, cin: int, dtype: torch.dtype, interpret: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer shape.
+
+    Interpreter: its cost is per program × reduction step, nearly independent of tile size, so
+    the biggest tiles. GPU: the 128×128×64, 8-warp, 3-stage tile compiles for sm_90 to wgmma with
+    ≈ 180 registers and no spills (DESIGN.md); smaller layers take smaller tiles so that batch-1
+    grids have programs for every SM. Per-shape measurements belong in the kernel table."""
+    if interpret:
+        return (_pow2_at_least(pixels, 16, 128), _pow2_at_least(cout, 16, 128),
+                _pow2_at_least(cin, 16, 64), 4, 1)
+    bm = 128 if pixels >= 1024 else 64
+    bn = 128 if cout >= 128 else _pow2_at_least(cout, 16, 128)
+    bk = 64 if dtype != torch.float32 else 32
+    return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3
+
+
+def _strides(t, dims=4):
+    return tuple(t.stride()) if t is not None else (0,) * dims
+
+
+def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, silu, temb,
+           residual, shortcut, return_stats):
+    """Launch into y [N, Cout, Ho, Wo]; returns the stats [N, tiles, Cout, 3] or None."""
+    n, cx, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    ho, wo = y.shape[2:]
+    cs = 0 if skip is None else skip.shape[1]
+    sc_x, sc_skip, sc_w, sc_b = shortcut if shortcut is not None else (None,) * 4
+    cscx = 0 if sc_x is None else sc_x.shape[1]
+    cscs = 0 if sc_skip is None else sc_skip.shape[1]
+    bm, bn, bk, warps, stages = tile_config(ho * wo, cout, max(cx, cs, cscx, 1), x.dtype,
+                                            INTERPRET or x.device.type == "cpu")
+    tiles_m = triton.cdiv(ho * wo, bm)
+    stats = (torch.empty(n, tiles_m, cout, 3, dtype=torch.float32, device=x.device)
+             if return_stats else None)
+    if scale is not None:
+        scale, shift = scale.contiguous(), shift.contiguous()
+    dummy = weight       # any valid pointer for arguments a constexpr switches off
+    temb_strides = (0, 0) if temb is None else (temb.stride(0) if temb.shape[0] > 1 else 0,
+                                                temb.stride(1))
+    sc_w2 = None if sc_w is None else sc_w.reshape(cout, -1)
+    grid = (tiles_m, triton.cdiv(cout, bn), n)
+    _conv2d_kernel[grid](
+        x, skip if skip is not None else dummy, weight,
+        bias if bias is not None else dummy,
+        scale if scale is not None else dummy, shift if shift is not None else dummy,
+        temb if temb is not None else dummy, residual if residual is not None else dummy,
+        sc_x if sc_x is not None else dummy, sc_skip if sc_skip is not None else dummy,
+        sc_w2 if sc_w2 is not None else dummy, sc_b if sc_b is not None else dummy,
+        y, stats if stats is not None else dummy,
+        cx, cs, h, w, cout, ho, wo, cscx, cscs, pad[2], pad[0],
+        *x.stride(), *_strides(skip), *weight.stride(),
+        *temb_strides, *_strides(residual),
+        *_strides(sc_x), *_strides(sc_skip), *_strides(sc_w2, 2),
+        *y.stride(),
+        KH=kh, KW=kw, STRIDE=stride, UPSAMPLE=upsample, HAS_SKIP=skip is not None,
+        HAS_NORM=scale is not None, SILU=silu, HAS_BIAS=bias is not None,
+        HAS_TEMB=temb is not None, HAS_RES=residual is not None, HAS_SC=sc_w is not None,
+        SC_HAS_SKIP=sc_skip is not None, SC_HAS_BIAS=sc_b is not None, STATS=return_stats,
+        IEEE=x.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return stats

@@ -1,0 +1,196 @@
+"""The fused convolution op (ddpm_fast.ops.conv2d): its torch reference against the U-Net's plain
+modules, and every backend built here against that reference (Triton under TRITON_INTERPRET=1 on
+the CPU, in fp32: the interpreter's bf16 dot multiplies bit patterns; bf16 runs in test_cuda.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_fast.ops.backend import triton_available, use_backend
+from ddpm_fast.ops.conv2d import _per_channel, conv2d, norm_affine, Norm
+
+BACKENDS = ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else [])
+EPS = 1e-6
+
+
+def _randn(*shape, seed, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _case(n, cin, cout, h, w, *, k=3, groups=8, skip_ch=0, layout="channels_last", seed=0):
+    x = _randn(n, cin, h, w, seed=seed) + 0.3
+    skip = None if not skip_ch else _randn(n, skip_ch, h, w, seed=seed + 1) - 0.2
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        skip = None if skip is None else skip.contiguous(memory_format=torch.channels_last)
+    c = cin + skip_ch
+    return dict(
+        x=x, skip=skip,
+        weight=_randn(cout, c, k, k, seed=seed + 2, scale=(c * k * k) ** -0.5),
+        bias=_randn(cout, seed=seed + 3),
+        norm=(1 + 0.2 * _randn(c, seed=seed + 4), 0.2 * _randn(c, seed=seed + 5), groups, EPS))
+
+
+def _plain(x, weight, bias, *, stride=1, padding=None, upsample=False, skip=None, norm=None,
+           silu=False, temb=None, residual=None, shortcut=None):
+    """The same computation with the modules the U-Net is made of (what the op must equal)."""
+    u = x if skip is None else torch.cat([x, skip], 1)
+    if norm is not None:
+        u = F.group_norm(u, norm[2], norm[0], norm[1], norm[3])
+    if silu:
+        u = F.silu(u)
+    if upsample:
+        u = F.interpolate(u, scale_factor=2.0, mode="nearest")
+    if padding == (0, 1, 0, 1):
+        y = F.conv2d(F.pad(u, padding), weight, bias, stride)
+    else:
+        y = F.conv2d(u, weight, bias, stride, padding=weight.shape[-1] // 2)
+    if temb is not None:
+        y = y + temb[:, :, None, None]
+    if residual is not None:
+        y = y + residual
+    if shortcut is not None:
+        sc_in, sc_w, sc_b = shortcut
+        sc_in = sc_in if isinstance(sc_in, torch.Tensor) else torch.cat(sc_in, 1)
+        y = y + F.conv2d(sc_in, sc_w, sc_b)
+    return y
+
+
+# Each case: why it is here. Sizes are odd or off-tile where it matters.
+CASES = {
+    "plain_batch1": lambda: _case(1, 32, 40, 8, 8),                       # Cout off the tile
+    "odd_map_batch3_nchw": lambda: _case(3, 24, 40, 7, 9, layout="nchw"),
+    "norm_silu": lambda: dict(_case(2, 32, 48, 7, 9), silu=True),
+    "norm_silu_temb_rows": lambda: dict(_case(3, 32, 48, 5, 6), silu=True,
+                                        temb=_randn(3, 48, seed=9)),
+    "temb_broadcast_residual": lambda: dict(_case(1, 24, 24, 7, 9), silu=True,
+                                            temb=_randn(1, 24, seed=9),
+                                            residual=_randn(1, 24, 7, 9, seed=10)),
+    # 40 + 24 channels in groups of 16: group 2 straddles the x/skip boundary
+    "skip_straddling_group_shortcut": lambda: (lambda c: dict(
+        c, silu=True, temb=_randn(2, 40, seed=9),
+        shortcut=((c["x"], c["skip"]), _randn(40, 64, 1, 1, seed=11, scale=0.125),
+                  _randn(40, seed=12))))(_case(2, 40, 40, 6, 5, skip_ch=24, groups=4)),
+    "shortcut_plain_input": lambda: (lambda c: dict(
+        c, silu=True, shortcut=(c["x"], _randn(40, 24, 1, 1, seed=11, scale=0.2), None)))(
+        _case(1, 24, 40, 7, 9)),
+    "downsample_stride2_pad0101": lambda: dict(_case(3, 24, 24, 7, 9, groups=1),
+                                               norm=None, stride=2, padding=(0, 1, 0, 1)),
+    "upsample": lambda: dict(_case(1, 32, 32, 5, 7), norm=None, upsample=True),
+    "upsample_after_norm": lambda: dict(_case(2, 32, 24, 4, 3), silu=True, upsample=True),
+    "conv_in_3ch": lambda: dict(_case(2, 3, 32, 8, 8, groups=1), norm=None),
+    "conv_out_1x1_k": lambda: dict(_case(1, 32, 3, 8, 8, k=1), silu=True),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_reference_equals_plain_modules(name):
+    args = CASES[name]()
+    expect = _plain(**args)
+    got = conv2d(**args)
+    torch.testing.assert_close(got.float(), expect, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", CASES)
+def test_backend_equals_reference(backend, name):
+    args = CASES[name]()
+    with use_backend("torch"):
+        ref, ref_stats = conv2d(**args, return_stats=True)
+    with use_backend(backend):
+        y, stats = conv2d(**args, return_stats=True)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == \
+        args["x"].is_contiguous(memory_format=torch.channels_last)
+    scale = max(1.0, ref.abs().max().item())
+    assert (y - ref).abs().max().item() <= 1e-4 * scale
+    # statistics: whatever the tiling, the same per-channel count, mean and variance
+    got, want = _per_channel(stats), _per_channel(ref_stats)
+    torch.testing.assert_close(got[..., 0], want[..., 0])
+    torch.testing.assert_close(got[..., 1], want[..., 1], atol=1e-5 * scale, rtol=1e-5)
+    torch.testing.assert_close(got[..., 2] / got[..., 0], want[..., 2] / want[..., 0],
+                               atol=1e-5 * scale ** 2, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_chain_into_next_conv(backend):
+    """A ResBlock as two convs: conv1's output statistics feed conv2's norm (no separate pass),
+    and an up block's norm of cat([h, skip]) takes (stats of h, stats of skip)."""
+    c = _case(2, 24, 32, 7, 9, groups=8)
+    temb = _randn(2, 32, seed=20)
+    norm2 = (1 + 0.1 * _randn(32, seed=21), 0.1 * _randn(32, seed=22), 8, EPS)
+    w2 = _randn(32, 32, 3, 3, seed=23, scale=1 / 17)
+    sc = (c["x"], _randn(32, 24, 1, 1, seed=24, scale=0.2), _randn(32, seed=25))
+    with use_backend(backend):
+        h, h_stats = conv2d(c["x"], c["weight"], c["bias"], norm=c["norm"], silu=True, temb=temb,
+                            return_stats=True)
+        out, out_stats = conv2d(h, w2, None, norm=norm2, norm_stats=h_stats, silu=True,
+                                shortcut=sc, return_stats=True)
+        skip, skip_stats = conv2d(c["x"], _randn(16, 24, 3, 3, seed=26, scale=0.1), None,
+                                  return_stats=True)
+        norm3 = (torch.ones(48), torch.zeros(48), 4, EPS)      # groups of 12 straddle 32 | 16
+        up = conv2d(out, _randn(8, 48, 3, 3, seed=27, scale=0.05), None, skip=skip, norm=norm3,
+                    norm_stats=(out_stats, skip_stats), silu=True, upsample=True)
+    h_ref = _plain(c["x"], c["weight"], c["bias"], norm=c["norm"], silu=True, temb=temb)
+    out_ref = _plain(h_ref, w2, None, norm=norm2, silu=True, shortcut=sc)
+    skip_ref = F.conv2d(c["x"], _randn(16, 24, 3, 3, seed=26, scale=0.1), padding=1)
+    up_ref = _plain(out_ref, _randn(8, 48, 3, 3, seed=27, scale=0.05), None, skip=skip_ref,
+                    norm=norm3, silu=True, upsample=True)
+    for got, want in ((out, out_ref), (up, up_ref)):
+        assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_norm_affine_is_group_norm_at_large_offsets():
+    """fp32 partials with a mean of 1e4 and unit spread: Chan's merge keeps the variance (a bare
+    E[x²] − E[x]² would lose it to cancellation)."""
+    x = _randn(2, 16, 9, 11, seed=3) + 1e4
+    parts = torch.stack([torch.stack([
+        torch.full((2, 16), 33.0), x.flatten(2)[..., i:i + 33].mean(-1),
+        ((x.flatten(2)[..., i:i + 33] - x.flatten(2)[..., i:i + 33].mean(-1, keepdim=True)) ** 2
+         ).sum(-1)], -1) for i in range(0, 99, 33)], dim=1)              # [2, 3 tiles, 16, 3]
+    w, b = torch.ones(16), torch.zeros(16)
+    scale, shift = norm_affine([parts], Norm(w, b, 4, EPS))
+    got = x * scale[:, :, None, None] + shift[:, :, None, None]
+    expect = F.group_norm(x.double(), 4, w.double(), b.double(), EPS).float()
+    torch.testing.assert_close(got, expect, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_and_compile(backend):
+    c = _case(1, 16, 16, 4, 4, groups=4)
+    temb = _randn(1, 16, seed=5)
+    with use_backend(backend):
+        torch.library.opcheck(torch.ops.ddpm_fast.conv2d.default,
+                              (c["x"], c["weight"], c["bias"], 1, [1, 1, 1, 1], False, None,
+                               c["norm"][0], c["norm"][1], 4, EPS, None, None, True, temb, None,
+                               None, None, None, None, False))
+        f = torch.compile(lambda x: conv2d(x * 1, c["weight"], c["bias"], norm=c["norm"],
+                                           silu=True, temb=temb), fullgraph=True)
+        torch.testing.assert_close(f(c["x"]), conv2d(c["x"], c["weight"], c["bias"],
+                                                     norm=c["norm"], silu=True, temb=temb))
+
+
+def _bad(**changes):
+    c = dict(_case(2, 16, 16, 4, 4, groups=4), silu=True)
+    c.update(changes)
+    return c
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(x=torch.randn(16, 4, 4)), "x must be"),
+    (dict(x=torch.randn(2, 16, 4, 4).double()), "x dtype"),
+    (dict(weight=torch.randn(16, 12, 3, 3)), "weight .* must be"),
+    (dict(weight=torch.randn(16, 16, 3, 3).half()), "weight dtype"),
+    (dict(weight=torch.randn(16, 16, 3, 3, device="meta")), "weight is on meta"),
+    (dict(skip=torch.randn(2, 8, 4, 4, device="meta")), "skip is on meta"),
+    (dict(skip=torch.randn(2, 8, 5, 4)), "skip .* must be"),
+    (dict(norm_stats=torch.zeros(2, 1, 16, 3, device="meta")), "norm_stats is on meta"),
+    (dict(norm_stats=torch.zeros(2, 1, 12, 3)), "norm_stats must be"),
+    (dict(norm=(torch.ones(16), torch.zeros(16), 5, EPS)), "groups 5"),
+    (dict(temb=torch.randn(3, 16)), "temb must be"),
+    (dict(residual=torch.randn(2, 16, 3, 3)), "residual must be"),
+    (dict(stride=3), "stride must be"),
+    (dict(padding=(1, 2, 3)), "padding must be"),
+])
+def test_bad_input_is_refused_before_launch(changes, message):
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        conv2d(**_bad(**changes))
