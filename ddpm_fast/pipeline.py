@@ -3,7 +3,10 @@
 mode="reference": fp32 torch ops and torch.Generator noise drawn in diffusers' order, so the same
     folder and generator give diffusers' images (max |Δ| ≲ 1e-6 on CPU).
 mode="fast": ddpm_fast/fast.py (bf16 + fused step + CUDA graphs on GPU); noise is Philox keyed by
-    (seed, image index), the seed taken from `seed=` or from the generator's initial seed.
+    (seed, image index). The seed is `seed=` when given (the reproducible way); otherwise one
+    number drawn from `generator` (advancing it), or from torch's default generator without one,
+    so torch.manual_seed(k) / the same generator state fix a call and consecutive calls differ.
+    A list of generators (one per image) is refused: fast mode's noise is keyed by image index.
 """
 from __future__ import annotations
 
@@ -42,6 +45,25 @@ def to_output(x: torch.Tensor, output_type: str):
     if u8.shape[-1] == 1:
         return [Image.fromarray(im.squeeze(-1), mode="L") for im in u8]
     return [Image.fromarray(im) for im in u8]
+
+
+# Philox seeds are key_tensor's range [0, 2**63); a drawn seed is uniform over it
+SEED_BOUND = 2 ** 63 - 1
+
+
+def draw_seed(generator=None) -> int:
+    """A fast-mode Philox seed drawn from `generator` (advancing it), or from torch's default
+    generator when None: the same generator state gives the same seed, the next call another."""
+    if isinstance(generator, (list, tuple)):
+        raise ValueError(
+            f"fast mode takes one generator, not a list of {len(generator)}: its noise is keyed "
+            "by (seed, image index), so image i of a seed is the same in any batch; pass seed= "
+            "(reproducible) or one torch.Generator, or use mode='reference' for one generator "
+            "per image (diffusers' behaviour)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(SEED_BOUND, (1,), generator=generator, device=device).item())
 
 
 def positive_int(value, name: str) -> int:
@@ -130,7 +152,7 @@ class DDPMPipeline:
         shape = (batch_size, c.in_channels, c.sample_size, c.sample_size)
         memory.reset_peak(self.device)
         if self.mode == "fast" and seed is None:
-            seed = int(generator.initial_seed()) if isinstance(generator, torch.Generator) else 0
+            seed = draw_seed(generator)
 
         if self.mode == "fast":
             table = (self.schedule.ddim_table(timesteps, eta) if sampler == "ddim"

@@ -63,6 +63,45 @@ def test_fast_fp32_equals_reference_same_noise(tmp_path, tiny_diffusers_unet, va
     assert (a - b).abs().max() <= 1e-4
 
 
+
+def _fast(tmp_path, unet):
+    _save(tmp_path, unet)
+    return ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, mode="fast", dtype=torch.float32)
+
+
+def _run(pipe, **kw):
+    return pipe(batch_size=2, num_inference_steps=3, output_type="pt", **kw).images
+
+
+def test_fast_mode_without_seed_uses_torch_default_generator(tmp_path, tiny_diffusers_unet):
+    # issue 14: no seed and no generator used to mean Philox seed 0 on every call
+    fast = _fast(tmp_path, tiny_diffusers_unet)
+    torch.manual_seed(3)
+    a, b = _run(fast), _run(fast)
+    assert not torch.equal(a, b)                     # consecutive calls differ
+    torch.manual_seed(3)
+    assert torch.equal(_run(fast), a)                # torch.manual_seed fixes a call
+    assert torch.equal(_run(fast, seed=0), _run(fast, seed=0))   # seed= stays reproducible
+
+
+def test_fast_mode_draws_its_seed_from_the_generator(tmp_path, tiny_diffusers_unet):
+    # issue 14: a generator used to be reduced to its initial_seed(), so it never advanced
+    fast = _fast(tmp_path, tiny_diffusers_unet)
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    a, b = _run(fast, generator=g), _run(fast, generator=g)
+    assert not torch.equal(a, b)                     # the generator advanced
+    assert not torch.equal(g.get_state(), state)
+    assert torch.equal(_run(fast, generator=torch.Generator().manual_seed(5)), a)
+
+
+def test_fast_mode_refuses_a_list_of_generators(tmp_path, tiny_diffusers_unet):
+    fast = _fast(tmp_path, tiny_diffusers_unet)
+    gens = [torch.Generator().manual_seed(i) for i in (3, 4)]
+    with pytest.raises(ValueError, match=r"fast mode takes one generator.*\(seed, image index\)"
+                                         r".*seed="):
+        _run(fast, generator=gens)
+
 @pytest.mark.parametrize("mode, dtype, tol", [
     ("reference", None, 1e-5), ("fast", torch.float32, 1e-5),
     # bf16 convolutions round differently per batch shape (oneDNN picks kernels by shape): the
