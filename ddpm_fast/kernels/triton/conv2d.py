@@ -100,21 +100,24 @@ def _conv2d_kernel(
             iw = iw // 2
         ih = tl.where(inside, ih, 0)
         iw = tl.where(inside, iw, 0)
-        if HAS_SKIP:
+        if HAS_SKIP:    # scalar selects: one offset tensor whichever input this step reads
             in_skip = j >= chunks_x
             c = tl.where(in_skip, j - chunks_x, j) * BLOCK_K + kk
             c_mask = c < tl.where(in_skip, Cs, Cx)
             c_global = tl.where(in_skip, Cx, 0) + c
-            ptrs = tl.where(in_skip,
-                            skip_ptr + n * ss_n + (ih * ss_h + iw * ss_w)[:, None]
-                            + c[None, :] * ss_c,
-                            x_ptr + n * sx_n + (ih * sx_h + iw * sx_w)[:, None]
-                            + c[None, :] * sx_c)
+            src = tl.where(in_skip, skip_ptr + n * ss_n, x_ptr + n * sx_n)
+            s_h = tl.where(in_skip, ss_h, sx_h)
+            s_w = tl.where(in_skip, ss_w, sx_w)
+            s_c = tl.where(in_skip, ss_c, sx_c)
         else:
             c = j * BLOCK_K + kk
             c_mask = c < Cx
             c_global = c
-            ptrs = x_ptr + n * sx_n + (ih * sx_h + iw * sx_w)[:, None] + c[None, :] * sx_c
+            src = x_ptr + n * sx_n
+            s_h = sx_h
+            s_w = sx_w
+            s_c = sx_c
+        ptrs = src + (ih * s_h + iw * s_w)[:, None] + c[None, :] * s_c
         a_mask = inside[:, None] & c_mask[None, :]
         a = tl.load(ptrs, mask=a_mask, other=0.0)
         if HAS_NORM or SILU:
@@ -137,16 +140,19 @@ def _conv2d_kernel(
                 c = tl.where(in_skip, j - chunks_x, j) * BLOCK_K + kk
                 c_mask = c < tl.where(in_skip, Cscs, Cscx)
                 c_global = tl.where(in_skip, Cscx, 0) + c
-                ptrs = tl.where(in_skip,
-                                scs_ptr + n * sp_n + (oh * sp_h + ow * sp_w)[:, None]
-                                + c[None, :] * sp_c,
-                                scx_ptr + n * sq_n + (oh * sq_h + ow * sq_w)[:, None]
-                                + c[None, :] * sq_c)
+                src = tl.where(in_skip, scs_ptr + n * sp_n, scx_ptr + n * sq_n)
+                s_h = tl.where(in_skip, sp_h, sq_h)
+                s_w = tl.where(in_skip, sp_w, sq_w)
+                s_c = tl.where(in_skip, sp_c, sq_c)
             else:
                 c = j * BLOCK_K + kk
                 c_mask = c < Cscx
                 c_global = c
-                ptrs = scx_ptr + n * sq_n + (oh * sq_h + ow * sq_w)[:, None] + c[None, :] * sq_c
+                src = scx_ptr + n * sq_n
+                s_h = sq_h
+                s_w = sq_w
+                s_c = sq_c
+            ptrs = src + (oh * s_h + ow * s_w)[:, None] + c[None, :] * s_c
             a = tl.load(ptrs, mask=p_mask[:, None] & c_mask[None, :], other=0.0)
             acc = _mma_step(acc, a, scw_ptr, c_global, c_mask, co, co_mask, sk_c, sk_co, IEEE)
 
@@ -180,20 +186,26 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
+GPU_TILES = ((128, 128), (128, 64), (64, 64), (64, 32), (32, 32))   # (BLOCK_M, BLOCK_N)
+GPU_PROGRAMS = 132      # an H100 SXM's SMs: fewer programs than this leave SMs idle
+
+
 @functools.lru_cache(maxsize=None)
-def tile_config(pixels: int, cout: int, cin: int, dtype: torch.dtype, interpret: bool):
+def tile_config(batch: int, pixels: int, cout: int, dtype: torch.dtype, interpret: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer shape.
 
     Interpreter: its cost is per program × reduction step, nearly independent of tile size, so
-    the biggest tiles. GPU: the 128×128×64, 8-warp, 3-stage tile compiles for sm_90 to wgmma with
-    ≈ 180 registers and no spills (DESIGN.md); smaller layers take smaller tiles so that batch-1
-    grids have programs for every SM. Per-shape measurements belong in the kernel table."""
+    the biggest tiles. GPU: the largest tile that still gives every SM a program (128×128×64,
+    8 warps, 3 stages compiles for sm_90 to wgmma with ≈ 175 registers, no spills, 97 KB of
+    shared memory: benchmarks/aot_conv2d.py); batch-1 layers fall to small tiles. To be replaced
+    by per-shape measurements in the kernel table once a GPU has timed the candidates."""
     if interpret:
-        return (_pow2_at_least(pixels, 16, 128), _pow2_at_least(cout, 16, 128),
-                _pow2_at_least(cin, 16, 64), 4, 1)
-    bm = 128 if pixels >= 1024 else 64
-    bn = 128 if cout >= 128 else _pow2_at_least(cout, 16, 128)
+        return (_pow2_at_least(pixels, 16, 128), _pow2_at_least(cout, 16, 128), 64, 4, 1)
     bk = 64 if dtype != torch.float32 else 32
+    for bm, bn in GPU_TILES:
+        bm = min(bm, max(32, triton.next_power_of_2(pixels)))    # no idle rows on small maps
+        if batch * triton.cdiv(pixels, bm) * triton.cdiv(cout, bn) >= GPU_PROGRAMS:
+            break
     return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3
 
 
@@ -211,7 +223,7 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
     sc_x, sc_skip, sc_w, sc_b = shortcut if shortcut is not None else (None,) * 4
     cscx = 0 if sc_x is None else sc_x.shape[1]
     cscs = 0 if sc_skip is None else sc_skip.shape[1]
-    bm, bn, bk, warps, stages = tile_config(ho * wo, cout, max(cx, cs, cscx, 1), x.dtype,
+    bm, bn, bk, warps, stages = tile_config(n, ho * wo, cout, x.dtype,
                                             INTERPRET or x.device.type == "cpu")
     tiles_m = triton.cdiv(ho * wo, bm)
     stats = (torch.empty(n, tiles_m, cout, 3, dtype=torch.float32, device=x.device)
