@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from typing import Optional, Sequence
 
@@ -33,18 +34,24 @@ from .sampling import WATCH_EVERY, check_finite
 from .unet import TimeProjections, UNet2DModel
 
 
+@functools.lru_cache(maxsize=None)
+def mkldnn_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively on this CPU (AVX-512 with BW/VL/DQ, or
+    AMX / AVX-NE-CONVERT); an AVX2-only CPU has no bf16 path in oneDNN."""
+    try:
+        return (torch.backends.mkldnn.is_available()
+                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs, and on CPUs where oneDNN runs bf16 convolutions natively (AVX-512 with BW/VL/
-    DQ or AMX): measured 2.07x fp32's step on the 2-core EPYC here (CIFAR-10, batch 8, 291 vs
-    601 ms), with samples that track fp32's (tests/test_pipeline.py). fp32 elsewhere."""
+    """bf16 on GPUs, and on CPUs where oneDNN runs bf16 convolutions natively: measured 2.07x
+    fp32's step on a 2-core Zen 4 EPYC (CIFAR-10, batch 8, 291 vs 601 ms), with samples that
+    track fp32's (tests/test_pipeline.py). fp32 elsewhere."""
     if device.type == "cuda":
         return torch.bfloat16
-    try:
-        fast_bf16 = (torch.backends.mkldnn.is_available()
-                     and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-    except (AttributeError, RuntimeError):
-        fast_bf16 = False
-    return torch.bfloat16 if fast_bf16 else torch.float32
+    return torch.bfloat16 if mkldnn_bf16() else torch.float32
 
 
 def default_autotune(device: torch.device) -> bool:
@@ -100,7 +107,8 @@ class PackedConv2d(torch.nn.Conv2d):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling():
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling()
+                or (x.dtype == torch.bfloat16 and not mkldnn_bf16())):
             return super().forward(x)
         if self.packed_weight is None:
             self.packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
@@ -114,6 +122,17 @@ def pack_convolutions(model: torch.nn.Module) -> torch.nn.Module:
     for m in model.modules():
         if PackedConv2d.can_wrap(m):
             PackedConv2d.wrap(m)
+    return model
+
+
+def gemm_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every 3×3/1×1 Conv2d weight re-laid in place as [KH, KW, Cin, Cout] memory (its shape and
+    values unchanged): the layout the conv2d op's implicit GEMM reads its B tiles from, with
+    output channels contiguous. torch's own convolution takes it too, by strides."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.data = m.weight.data.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     return model
 
 
@@ -143,9 +162,12 @@ class FastRunner:
         self.unet.fuse_qkv()      # one GEMM per attention block for q, k and v
         # Inductor fuses the GroupNorm/SiLU/bias chains the eager U-Net runs as separate kernels
         # (1.8-2.9x per step on an H100); default on for CUDA when triton is importable.
+        # kernels="conv" runs every convolution as our fused conv2d op: nothing left for
+        # Inductor to fuse around it, so no compile by default.
         if compile is None:
-            compile = on_gpu and triton_available(device)
-        if device.type == "cpu" and not compile and mkldnn_packing_available():
+            compile = on_gpu and triton_available(device) and kernels != "conv"
+        if (device.type == "cpu" and not compile and kernels != "conv"
+                and mkldnn_packing_available()):
             # oneDNN reorders a convolution's weight at every call unless it is prepacked:
             # measured 1.14x per CIFAR-10 step at batch 1 (bf16, 2-core CPU), 1.03x at batch 8
             pack_convolutions(self.unet)
@@ -155,6 +177,8 @@ class FastRunner:
         # the attention blocks stay torch's: their fused form measured 1.07x slower at batch 1.
         if kernels is not None:
             self.unet.set_kernels(kernels)
+            if kernels == "conv":
+                gemm_layout(self.unet)
         elif on_gpu:
             self.unet.set_kernels("reference" if compile else "fused")
         elif native_available(device) and not compile:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KERNELS = ("reference", "fused")
+KERNELS = ("reference", "fused", "conv")
 DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
 
@@ -187,6 +187,36 @@ class ResnetBlock2D(nn.Module):
             n = self.time_emb_proj.out_features
             return temb.rows[:, self.proj_offset:self.proj_offset + n]
         return self.time_emb_proj(F.silu(temb))
+
+    def forward_conv(self, x, x_stats, temb, skip=None, skip_stats=None):
+        """The block as two ddpm_fast.ops.conv2d calls ("conv" kernels): norm1 + SiLU in conv1's
+        input (over cat([x, skip]) in up blocks), the time projection and norm2's statistics in
+        its output; norm2 + SiLU in conv2's input, the residual or the 1×1 shortcut and the next
+        norm's statistics in its output. Returns (output, its statistics)."""
+        from .ops.conv2d import conv2d
+
+        def norm(gn):
+            return gn.weight, gn.bias, gn.num_groups, gn.eps
+
+        h, h_stats = conv2d(x, self.conv1.weight, self.conv1.bias, skip=skip,
+                            norm=norm(self.norm1), silu=True, temb=self.time_projection(temb),
+                            norm_stats=(x_stats,) if skip is None else (x_stats, skip_stats),
+                            return_stats=True)
+        h = self.dropout(h)
+        block_input = x if skip is None else (x, skip)
+        if skip is not None and self.conv_shortcut is None:
+            raise ValueError("a ResBlock with a skip input needs its 1x1 shortcut")
+        shortcut = residual = None
+        if self.conv_shortcut is not None:
+            shortcut = (block_input, self.conv_shortcut.weight, self.conv_shortcut.bias)
+        else:
+            residual = x
+        out, stats = conv2d(h, self.conv2.weight, self.conv2.bias, norm=norm(self.norm2),
+                            norm_stats=h_stats, silu=True, residual=residual, shortcut=shortcut,
+                            return_stats=True)
+        if self.output_scale_factor != 1.0:
+            return out / self.output_scale_factor, None
+        return out, stats
 
     def forward(self, x, temb):
         h = self.conv1(norm_act(self.norm1, x, True, self.fused))
@@ -394,6 +424,7 @@ class UNet2DModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
         self.fused = False          # set_kernels sets this and every block's flag together
+        self.conv = False
         offset = 0
         for block in self.resnets():
             block.proj_offset = offset
@@ -410,15 +441,19 @@ class UNet2DModel(nn.Module):
     def set_kernels(self, kernels: str, attention: Optional[str] = None) -> "UNet2DModel":
         """"reference": torch ops (bit-compatible with diffusers); "fused": ddpm_fast.ops
         GroupNorm(+add, +SiLU) kernels, and in the attention blocks the attention op with the
-        residual folded into the output GEMM. `attention` gives the attention blocks another
-        choice (default: the same). Weights and parameter names are unchanged."""
-        attention = attention or kernels
-        for choice in (kernels, attention):
-            if choice not in KERNELS:
-                raise ValueError(f"kernels must be one of {KERNELS}, got {choice!r}")
+        residual folded into the output GEMM; "conv": every convolution one ddpm_fast.ops.conv2d
+        call with the norm before it and the adds after it folded in (a ResBlock is two calls),
+        attention blocks "fused". `attention` gives the attention blocks another choice
+        ("reference" or "fused"). Weights and parameter names are unchanged."""
+        attention = attention or ("fused" if kernels == "conv" else kernels)
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        if attention not in ("reference", "fused"):
+            raise ValueError(f"attention kernels must be 'reference' or 'fused', got {attention!r}")
+        self.conv = kernels == "conv"
         for m in self.modules():          # this model and each ResBlock / attention block
             if hasattr(m, "fused"):
-                m.fused = (attention if isinstance(m, Attention) else kernels) == "fused"
+                m.fused = (attention if isinstance(m, Attention) else kernels) != "reference"
         return self
 
     def fused_norms(self) -> list[nn.GroupNorm]:
@@ -441,7 +476,7 @@ class UNet2DModel(nn.Module):
 
     @property
     def kernels(self) -> str:
-        return "fused" if self.fused else "reference"
+        return "conv" if self.conv else "fused" if self.fused else "reference"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -491,6 +526,8 @@ class UNet2DModel(nn.Module):
             x = 2 * x - 1.0
         if temb is None:
             temb = self.time_embed(t, x.shape[0])
+        if self.conv:
+            return self._forward_conv(x, temb)
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
@@ -502,3 +539,42 @@ class UNet2DModel(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             x = block(x, block_skips, temb)
         return self.conv_out(norm_act(self.conv_norm_out, x, True, self.fused))
+
+    def _forward_conv(self, x, temb):
+        """forward() under "conv" kernels: each convolution one conv2d call, each activation
+        travelling with the per-channel statistics its producer computed (None after an
+        attention block: the next convolution computes them)."""
+        from .ops.conv2d import conv2d
+
+        h, stats = conv2d(x, self.conv_in.weight, self.conv_in.bias, return_stats=True)
+        skips = [(h, stats)]
+        for block in self.down_blocks:
+            for i, resnet in enumerate(block.resnets):
+                h, stats = resnet.forward_conv(h, stats, temb)
+                if block.attentions is not None:
+                    h, stats = block.attentions[i](h), None
+                skips.append((h, stats))
+            if block.downsamplers is not None:
+                down = block.downsamplers[0]
+                padding = (0, 1, 0, 1) if down.padding == 0 else down.conv.padding
+                h, stats = conv2d(h, down.conv.weight, down.conv.bias, stride=2,
+                                  padding=padding, return_stats=True)
+                skips.append((h, stats))
+        mid = self.mid_block
+        h, stats = mid.resnets[0].forward_conv(h, stats, temb)
+        if mid.attentions[0] is not None:
+            h, stats = mid.attentions[0](h), None
+        h, stats = mid.resnets[1].forward_conv(h, stats, temb)
+        for block in self.up_blocks:
+            for i, resnet in enumerate(block.resnets):
+                skip, skip_stats = skips.pop()
+                h, stats = resnet.forward_conv(h, stats, temb, skip, skip_stats)
+                if block.attentions is not None:
+                    h, stats = block.attentions[i](h), None
+            if block.upsamplers is not None:
+                up = block.upsamplers[0].conv
+                h, stats = conv2d(h, up.weight, up.bias, upsample=True, return_stats=True)
+        gn = self.conv_norm_out
+        return conv2d(h, self.conv_out.weight, self.conv_out.bias,
+                      norm=(gn.weight, gn.bias, gn.num_groups, gn.eps), norm_stats=stats,
+                      silu=True)

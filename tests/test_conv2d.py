@@ -217,3 +217,53 @@ def test_compiles_for_hopper_without_spills(tmp_path):
         assert r["stack"] == 0 and r["local"] == 0, f"{name} spills: {r}"
         if r["tile"][0] * r["tile"][1] >= 64 * 64:
             assert r["wgmma"] > 0, f"{name} has no wgmma: {r}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unet_conv_kernels_equal_reference(backend):
+    """The tiny U-Net (attention at two levels, shortcuts, skips, down/upsampling) under the
+    "conv" kernel setting equals its reference forward, with weights in the fast runner's
+    [KH, KW, Cin, Cout] layout and activations channels_last."""
+    from ddpm_fast.fast import gemm_layout
+    from ddpm_fast.unet import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel("tiny").eval()
+    for m in unet.modules():          # non-trivial norms, so a wrong scale/shift shows
+        if isinstance(m, torch.nn.GroupNorm):
+            m.weight.data.normal_(1.0, 0.3)
+            m.bias.data.normal_(0.0, 0.3)
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        expect = unet(x, t)
+        fast = gemm_layout(unet.set_kernels("conv").to(memory_format=torch.channels_last))
+        assert fast.kernels == "conv"
+        with use_backend(backend):
+            got = fast(x.contiguous(memory_format=torch.channels_last), t)
+    assert (got - expect).abs().max().item() <= 1e-4 * expect.abs().max().item()
+
+
+def test_fast_runner_conv_kernels_sample_like_the_reference_kernels():
+    """A few fast-mode steps with every convolution through conv2d: the Triton backend (when
+    here) and the torch one give the images of the runner's reference kernels (fp32)."""
+    from ddpm_fast.fast import FastRunner
+    from ddpm_fast.schedule import Schedule
+    from ddpm_fast.unet import UNet2DModel
+
+    torch.manual_seed(1)
+    unet = UNet2DModel("tiny").eval()
+    schedule = Schedule.linear()
+    # late steps: near t = T, x̂₀ = (x − √(1−ᾱ)·ε)/√ᾱ magnifies ε's rounding ~150×
+    timesteps = schedule.timesteps(100)[-2:]
+    table = schedule.step_table(timesteps)
+
+    def sample(kernels, backend="torch"):
+        runner = FastRunner(unet, "cpu", dtype=torch.float32, kernels=kernels)
+        with use_backend(backend):
+            return runner.sample(table, timesteps, 1, seed=3)
+
+    expect = sample("reference")
+    for backend in BACKENDS:
+        got = sample("conv", backend)
+        assert (got - expect).abs().max().item() <= 1e-4 * expect.abs().max().item(), backend

@@ -160,8 +160,8 @@ def _check(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups,
                          and s.shape[3] == STAT_FIELDS and s.dtype == torch.float32,
                          lambda: f"conv2d: {name} must be fp32 [{n}, T, {c}, 3], got "
                                  f"{s.dtype} {tuple(s.shape)}")
-    torch._check((stats_x is None) == (stats_skip is None) or skip is None,
-                 lambda: "conv2d: norm_stats must cover both x and skip")
+    torch._check(stats_skip is None or skip is not None,
+                 lambda: "conv2d: norm_stats for skip given without skip")
     if temb is not None:
         same_device("temb", temb)
         torch._check(temb.dim() == 2 and temb.shape[0] in (1, n) and temb.shape[1] == cout,
@@ -230,16 +230,18 @@ def _impl(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups, 
     ho, wo = _check(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups,
                     stats_x, stats_skip, temb, residual, sc_x, sc_skip, sc_w, sc_b)
     norm = None if norm_w is None else Norm(norm_w, norm_b, groups, eps)
-    stats = None if stats_x is None else [s for s in (stats_x, stats_skip) if s is not None]
+    stats = None
+    if norm is not None:     # each part's statistics: from its producer, else computed here
+        stats = [channel_stats(x) if stats_x is None else stats_x]
+        if skip is not None:
+            stats.append(channel_stats(skip) if stats_skip is None else stats_skip)
     shortcut = None if sc_w is None else (sc_x, sc_skip, sc_w, sc_b)
     which = backend.choose(x.device, cuda_prefers="triton", cpu_prefers="torch")
     if which == "triton":
         from ..kernels.triton.conv2d import conv2d as kernel
 
         if norm is not None:
-            parts = stats or ([channel_stats(x)] if skip is None
-                              else [channel_stats(x), channel_stats(skip)])
-            scale, shift = norm_affine(parts, norm)
+            scale, shift = norm_affine(stats, norm)
         else:
             scale = shift = None
         y = torch.empty(x.shape[0], weight.shape[0], ho, wo, dtype=x.dtype, device=x.device,
@@ -291,7 +293,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """The op `ddpm_fast::conv2d` (module docstring): y, or (y, stats) with return_stats.
 
     norm: (weight, bias, groups, eps) of the GroupNorm on the (concatenated) input.
-    norm_stats: stats returned by the producer of x, or (stats of x, stats of skip).
+    norm_stats: stats returned by the producer of x, or (stats of x, stats of skip); None (or a
+    None entry) computes that part's statistics here, in a separate pass.
     shortcut: (input, weight, bias) or ((x, skip), weight, bias), a 1×1 convolution of the raw
     input added to y.
     """
@@ -305,9 +308,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         if isinstance(norm_stats, torch.Tensor):
             norm_stats = (norm_stats,)
         if len(norm_stats) != (1 if skip is None else 2):
-            raise ValueError("conv2d: norm_stats takes one stats tensor per input part "
+            raise ValueError("conv2d: norm_stats takes one entry per input part "
                              f"({'x' if skip is None else 'x and skip'}), got {len(norm_stats)}")
-        stats_x, stats_skip = (tuple(norm_stats) + (None,))[:2]
+        stats_x, stats_skip = (tuple(norm_stats) + (None,))[:2]     # None: computed here
     sc_x = sc_skip = sc_w = sc_b = None
     if shortcut is not None:
         sc_in, sc_w, sc_b = shortcut
