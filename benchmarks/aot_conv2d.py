@@ -1,12 +1,12 @@
 """Compile the fused-conv Triton kernel for a GPU without one (sm_90 by default) and report, per
-CIFAR-10 U-Net layer kind, what decides its speed: registers, spills, shared memory, whether the
+CIFAR-10 U-Net layer kind (benchmarks/conv2d_layers.py), what decides its speed: registers, spills, shared memory, whether the
 dot became wgmma. Run in a process *without* TRITON_INTERPRET.
 
 The launcher runs as in sampling (same tile choice, same argument list) on meta tensors; its
 kernel call is recorded and compiled ahead of time with the JIT's own specialisations (integers
 equal to 1 become constants, multiples of 16 are marked divisible, pointers 16-byte aligned).
 
-    python benchmarks/aot_conv2d.py [--arch 90] [--batch 1] [--out results/aot_conv2d_sm90.json]
+    python -m benchmarks.aot_conv2d [--arch 90] [--batch 1] [--out aot_sm90.json]
 """
 from __future__ import annotations
 
@@ -28,41 +28,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from benchmarks.conv2d_layers import CIFAR_LAYERS, make_inputs  # noqa: E402
 from ddpm_fast.kernels.triton import conv2d as conv_kernel  # noqa: E402
 from ddpm_fast.ops.conv2d import conv_padding  # noqa: E402
 
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def cifar_layers(batch: int, dtype=torch.bfloat16):
-    """One call per distinct kind of convolution in the CIFAR-10 U-Net (channels_last)."""
-    def t(*shape, dt=dtype):
-        return torch.empty(*shape, dtype=dt, device="meta").contiguous(
-            memory_format=torch.channels_last) if len(shape) == 4 else \
-            torch.empty(*shape, dtype=dt, device="meta")
-
-    def w(cout, cin, k=3):   # the fast runner's [KH, KW, Cin, Cout] memory
-        return torch.empty(k, k, cin, cout, dtype=dtype, device="meta").permute(3, 2, 0, 1)
-
-    f32 = torch.float32
-    norm = lambda c: dict(scale=t(batch, c, dt=f32), shift=t(batch, c, dt=f32))  # noqa: E731
-    yield "conv1 128@32² +norm+silu+temb+stats", dict(
-        x=t(batch, 128, 32, 32), weight=w(128, 128), out=(128, 32, 32), **norm(128), silu=True,
-        temb=t(batch, 128), stats=True)
-    yield "conv2 128@32² +norm+silu+residual+stats", dict(
-        x=t(batch, 128, 32, 32), weight=w(128, 128), out=(128, 32, 32), **norm(128), silu=True,
-        residual=t(batch, 128, 32, 32), stats=True)
-    yield "conv2 256@16² +shortcut 128", dict(
-        x=t(batch, 256, 16, 16), weight=w(256, 256), out=(256, 16, 16), **norm(256), silu=True,
-        shortcut=(t(batch, 128, 16, 16), None, w(256, 128, 1), t(256)), stats=True)
-    yield "up conv1 (256+256)@8² skip", dict(
-        x=t(batch, 256, 8, 8), skip=t(batch, 256, 8, 8), weight=w(256, 512), out=(256, 8, 8),
-        **norm(512), silu=True, temb=t(batch, 256), stats=True)
-    yield "downsample 128@32² s2", dict(
-        x=t(batch, 128, 32, 32), weight=w(128, 128), out=(128, 16, 16), stride=2,
-        pad=(0, 1, 0, 1), stats=True)
-    yield "upsample 256@8²→16²", dict(
-        x=t(batch, 256, 8, 8), weight=w(256, 256), out=(256, 16, 16), upsample=True, stats=True)
 
 
 class Recorder:
@@ -109,22 +79,39 @@ def resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in fields.items()}
 
 
-def compile_layer(spec: dict, arch: int) -> dict:
+def launcher_args(args: dict) -> dict:
+    """The op's keyword arguments (benchmarks/conv2d_layers.make_inputs) as the launcher's."""
+    x, weight = args["x"], args["weight"]
+    skip = args.get("skip")
+    cin = x.shape[1] + (0 if skip is None else skip.shape[1])
+    affine = {}
+    if "norm" in args:       # the op hands the launcher the norm as per-(image, channel) affine
+        affine = {k: torch.empty(x.shape[0], cin, device=x.device) for k in ("scale", "shift")}
+    shortcut = None
+    if "shortcut" in args:
+        sc_in, sc_w, sc_b = args["shortcut"]
+        sc_x, sc_skip = (sc_in, None) if torch.is_tensor(sc_in) else sc_in
+        shortcut = (sc_x, sc_skip, sc_w, sc_b)
+    return dict(x=x, weight=weight, bias=args.get("bias"), stride=args.get("stride", 1),
+                pad=conv_padding(args.get("padding"), tuple(weight.shape[2:])),
+                upsample=args.get("upsample", False), skip=skip, scale=affine.get("scale"),
+                shift=affine.get("shift"), silu=args.get("silu", False), temb=args.get("temb"),
+                residual=args.get("residual"), shortcut=shortcut, return_stats=True)
+
+
+def compile_layer(layer, batch: int, arch: int) -> dict:
+    spec = launcher_args(make_inputs(layer, batch, "meta", torch.bfloat16))
+    x, weight = spec["x"], spec["weight"]
+    pad, scale = spec["pad"], 2 if spec["upsample"] else 1
+    ho = (x.shape[2] * scale + pad[2] + pad[3] - weight.shape[2]) // spec["stride"] + 1
+    wo = (x.shape[3] * scale + pad[0] + pad[1] - weight.shape[3]) // spec["stride"] + 1
+    y = torch.empty(x.shape[0], weight.shape[0], ho, wo, dtype=x.dtype, device="meta"
+                    ).contiguous(memory_format=torch.channels_last)
     recorder = Recorder(conv_kernel._conv2d_kernel)
     saved, conv_kernel._conv2d_kernel = conv_kernel._conv2d_kernel, recorder
     saved_interp, conv_kernel.INTERPRET = conv_kernel.INTERPRET, False
     try:
-        x = spec["x"]
-        cout, ho, wo = spec["out"]
-        y = torch.empty(x.shape[0], cout, ho, wo, dtype=x.dtype, device="meta").contiguous(
-            memory_format=torch.channels_last)
-        conv_kernel.conv2d(
-            y, x, spec["weight"], torch.empty(cout, dtype=x.dtype, device="meta"),
-            stride=spec.get("stride", 1), pad=spec.get("pad", conv_padding(None, (3, 3))),
-            upsample=spec.get("upsample", False), skip=spec.get("skip"),
-            scale=spec.get("scale"), shift=spec.get("shift"), silu=spec.get("silu", False),
-            temb=spec.get("temb"), residual=spec.get("residual"), shortcut=spec.get("shortcut"),
-            return_stats=spec.get("stats", False))
+        conv_kernel.conv2d(y, **spec)
     finally:
         conv_kernel._conv2d_kernel, conv_kernel.INTERPRET = saved, saved_interp
     grid, args, kw = recorder.calls[0]
@@ -147,8 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     a = parser.parse_args(argv)
     rows = {}
-    for name, spec in cifar_layers(a.batch):
-        rows[name] = compile_layer(spec, a.arch)
+    for name, layer in CIFAR_LAYERS.items():
+        rows[name] = compile_layer(layer, a.batch, a.arch)
         r = rows[name]
         print(f"{name:42s} tile {r['tile']} grid {r['grid']} reg {r.get('reg')} "
               f"stack {r.get('stack')} shared {r['shared_bytes']} wgmma {r['wgmma']} "

@@ -211,8 +211,11 @@ def test_compiles_for_hopper_without_spills(tmp_path):
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "benchmarks.aot_conv2d", "--batch", "64", "--out",
                     str(out)], cwd=root, env=env, check=True, capture_output=True)
+    sys.path.insert(0, str(root))
+    from benchmarks.conv2d_layers import CIFAR_LAYERS
+
     layers = json.loads(out.read_text())["layers"]
-    assert len(layers) == 6
+    assert layers.keys() == CIFAR_LAYERS.keys()
     for name, r in layers.items():
         assert r["stack"] == 0 and r["local"] == 0, f"{name} spills: {r}"
         if r["tile"][0] * r["tile"][1] >= 64 * 64:
@@ -267,3 +270,15 @@ def test_fast_runner_conv_kernels_sample_like_the_reference_kernels():
     for backend in BACKENDS:
         got = sample("conv", backend)
         assert (got - expect).abs().max().item() <= 1e-4 * expect.abs().max().item(), backend
+
+
+def test_layer_benchmark_smoke():
+    """benchmarks/conv2d_layers.py (what a GPU session runs) works: its inputs and its stock-torch
+    composite agree with the op on the interpreter's tiny layers."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.conv2d_layers import main
+
+    assert main(["--smoke"]) == 0

@@ -191,7 +191,8 @@ GPU_PROGRAMS = 132      # an H100 SXM's SMs: fewer programs than this leave SMs 
 
 
 @functools.lru_cache(maxsize=None)
-def tile_config(batch: int, pixels: int, cout: int, dtype: torch.dtype, interpret: bool):
+def tile_config(batch: int, pixels: int, cout: int, cin: int, dtype: torch.dtype,
+                interpret: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer shape.
 
     Interpreter: its cost is per program × reduction step, nearly independent of tile size, so
@@ -200,10 +201,12 @@ def tile_config(batch: int, pixels: int, cout: int, dtype: torch.dtype, interpre
     shared memory: benchmarks/aot_conv2d.py); batch-1 layers fall to small tiles. To be replaced
     by per-shape measurements in the kernel table once a GPU has timed the candidates."""
     if interpret:
-        return (_pow2_at_least(pixels, 16, 128), _pow2_at_least(cout, 16, 128), 64, 4, 1)
-    bk = 64 if dtype != torch.float32 else 32
+        return (_pow2_at_least(pixels, 16, 128), _pow2_at_least(cout, 16, 128),
+                _pow2_at_least(cin, 16, 64), 4, 1)
+    bk = min(64 if dtype != torch.float32 else 32, _pow2_at_least(cin, 16, 64))
     for bm, bn in GPU_TILES:
         bm = min(bm, max(32, triton.next_power_of_2(pixels)))    # no idle rows on small maps
+        bn = min(bn, max(16, triton.next_power_of_2(cout)))      # nor idle columns (conv_out)
         if batch * triton.cdiv(pixels, bm) * triton.cdiv(cout, bn) >= GPU_PROGRAMS:
             break
     return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3
@@ -223,8 +226,8 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
     sc_x, sc_skip, sc_w, sc_b = shortcut if shortcut is not None else (None,) * 4
     cscx = 0 if sc_x is None else sc_x.shape[1]
     cscs = 0 if sc_skip is None else sc_skip.shape[1]
-    bm, bn, bk, warps, stages = tile_config(n, ho * wo, cout, x.dtype,
-                                            INTERPRET or x.device.type == "cpu")
+    bm, bn, bk, warps, stages = tile_config(n, ho * wo, cout, max(cx, cs, cscx, cscs),
+                                            x.dtype, INTERPRET or x.device.type == "cpu")
     tiles_m = triton.cdiv(ho * wo, bm)
     stats = (torch.empty(n, tiles_m, cout, 3, dtype=torch.float32, device=x.device)
              if return_stats else None)
