@@ -8,6 +8,11 @@
 #   cifar10    sample throughput, CIFAR-10 config, batch 1/16/64/256, every provider
 #   256        sample throughput, 256 px config, batch 1/16/64
 #   profile    where the fast step's time goes
+#   conv       the fused-conv path alone (issue 13): its CUDA tests, compute-sanitizer on its
+#              kernel (bf16, batch 3), conv2d_layers.py per layer kind, and CIFAR-10 throughput of
+#              compile / fast / fast-conv at batch 1, 64, 256 (about 6 minutes after a build)
+#
+#   OUT=/tmp/out ARCHS=90 bash benchmarks/gpu_suite.sh build conv               # a short window
 #
 #   OUT=/tmp/out ARCHS=90 bash benchmarks/gpu_suite.sh build tests memcheck     # call 1
 #   OUT=/tmp/out bash benchmarks/gpu_suite.sh kernels cifar10                    # call 2
@@ -16,6 +21,8 @@
 #
 # Logs and JSON go to $OUT (default ./gpu_out); results JSON are also written under
 # benchmarks/results/ with the device name, to be committed from the session's machine.
+# The device has no diffusers: carry its wheel (and its missing dependencies) as the device
+# README says, for the diffusers providers and the equivalence tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -24,7 +31,7 @@ ARCHS=${ARCHS:-90}
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests memcheck kernels cifar10 256 profile)
 for stage in "${STAGES[@]}"; do       # a misspelt stage fails before a long build, not after
-    case "$stage" in build|tests|memcheck|kernels|cifar10|256|profile) ;;
+    case "$stage" in build|tests|memcheck|kernels|cifar10|256|profile|conv) ;;
     *) echo "unknown stage $stage"; exit 2 ;; esac
 done
 export PYTHONUNBUFFERED=1
@@ -75,6 +82,29 @@ for stage in "${STAGES[@]}"; do
             --out "benchmarks/results/sample_throughput_256px_$(date +%F).json" \
             > "$OUT/throughput_256.log" 2>&1 || status=1
         tail -15 "$OUT/throughput_256.log"
+        ;;
+    conv)
+        step "fused conv: CUDA tests"
+        (cd tests && python3 -m pytest -q -p no:cacheprovider test_cuda.py -k conv) \
+            > "$OUT/conv_tests.log" 2>&1 || status=1
+        tail -5 "$OUT/conv_tests.log"
+        if command -v compute-sanitizer > /dev/null; then
+            step "fused conv: compute-sanitizer memcheck (bf16, batch 3)"
+            (cd tests && compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest \
+                -q -p no:cacheprovider test_cuda.py -k "conv2d_triton_cuda and bf16 and b3") \
+                > "$OUT/conv_memcheck.log" 2>&1 || status=1
+            tail -5 "$OUT/conv_memcheck.log"
+        fi
+        step "fused conv per layer kind"
+        python3 benchmarks/conv2d_layers.py --device cuda --batch 1 64 256 \
+            > "$OUT/conv2d_layers.log" 2>&1 || status=1
+        tail -45 "$OUT/conv2d_layers.log"
+        step "sample throughput: compile / fast (Inductor) / fast-conv"
+        python3 benchmarks/sample_throughput.py --device cuda --config cifar10 --batch 1 64 256 \
+            --providers compile fast fast-conv \
+            --out "benchmarks/results/sample_throughput_conv_$(date +%F).json" \
+            > "$OUT/throughput_conv.log" 2>&1 || status=1
+        tail -15 "$OUT/throughput_conv.log"
         ;;
     profile)
         step "profile of the fast step"

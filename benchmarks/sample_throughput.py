@@ -9,6 +9,8 @@ Providers (each skipped with a note when it cannot run here):
   fast       ddpm_fast fast mode
   fast-eager ddpm_fast fast mode without torch.compile of the U-Net (eager bf16 inside our graph)
   fast-heuristic  fast mode with cuDNN's heuristic algorithm choice instead of benchmark mode
+  fast-conv  fast mode with kernels="conv": every convolution the fused conv2d op (Triton),
+             norm and adds folded in; today's default ("fast") is the Inductor path
 
 Every provider runs the same weights. A "step" is one U-Net forward plus one sampler update; per-step
 latency is the median over timed steps after warm-up, and images/s for a full 1000-step sample is
@@ -215,7 +217,7 @@ def provider_compile(unet, batch, device, args):
     return step
 
 
-def provider_ours(mode, compile=None, autotune_convs=None):
+def provider_ours(mode, compile=None, autotune_convs=None, kernels=None):
     def build(unet, batch, device, args):
         import ddpm_fast
 
@@ -223,7 +225,8 @@ def provider_ours(mode, compile=None, autotune_convs=None):
             raise RuntimeError("cuDNN autotuning is a CUDA setting")
         pipe = ddpm_fast.DDPMPipeline.from_diffusers_unet(unet, scheduler_config(), mode=mode,
                                                           device=device, compile=compile,
-                                                          autotune_convs=autotune_convs)
+                                                          autotune_convs=autotune_convs,
+                                                          kernels=kernels)
         return pipe.benchmark_step_fn(batch)
 
     return build
@@ -237,6 +240,8 @@ PROVIDERS = {
     "fast-eager": provider_ours("fast", compile=False),   # eager U-Net inside our graph
     # cuDNN's heuristic algorithm choice instead of its benchmark mode (fast mode's default)
     "fast-heuristic": provider_ours("fast", autotune_convs=False),
+    # every convolution our fused conv2d (norm in, adds and statistics out), no Inductor
+    "fast-conv": provider_ours("fast", kernels="conv"),
 }
 
 
@@ -328,7 +333,8 @@ def main(argv=None) -> int:
     if args.batch is None:
         args.batch = [1, 16, 64, 256] if device.type == "cuda" else [1, 8]
     if args.providers is None:
-        args.providers = [p for p in PROVIDERS if device.type == "cuda" or p != "fast-heuristic"]
+        args.providers = [p for p in PROVIDERS                # the CUDA-only settings
+                          if device.type == "cuda" or p not in ("fast-heuristic", "fast-conv")]
     if args.steps is None:
         args.steps = 30 if device.type == "cuda" else 10
     if any(b <= 0 for b in args.batch) or args.steps <= 0:

@@ -183,3 +183,74 @@ def test_attention_triton_cuda(dtype, shape):
     else:
         sdpa = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)
         assert err <= 2 * (sdpa[:, 0].float() - ref).abs().max().item() + 1e-3
+
+
+def _conv_layers():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.conv2d_layers import CIFAR_LAYERS
+
+    return CIFAR_LAYERS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("batch", [1, 3], ids=["b1", "b3"])
+@pytest.mark.parametrize("layer", list(_conv_layers()))
+def test_conv2d_triton_cuda(layer, batch, dtype):
+    """Every CIFAR layer kind of the fused conv on the GPU: fp32 (IEEE dots) within 1e-4 of the
+    fp32 reference; bf16/fp16 within twice stock torch's same-dtype error (flash-attention's
+    rule); output statistics equal to the reference's."""
+    from benchmarks.conv2d_layers import as_float, make_inputs, torch_composite
+    from ddpm_fast.ops.conv2d import _per_channel, conv2d
+
+    args = make_inputs(_conv_layers()[layer], batch, "cuda", dtype)
+    with use_backend("torch"), torch.backends.cudnn.flags(allow_tf32=False):
+        ref, ref_stats = conv2d(**as_float(args), return_stats=True)
+        same_dtype = torch_composite(**args)
+    with use_backend("triton"):
+        out, stats = conv2d(**args, return_stats=True)
+    scale = max(1.0, ref.abs().max().item())
+    err = (out.float() - ref).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-4 * scale
+    else:
+        assert err <= 2 * (same_dtype.float() - ref).abs().max().item() + 1e-3 * scale
+    got, want = _per_channel(stats), _per_channel(ref_stats)
+    assert torch.equal(got[..., 0], want[..., 0])
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[..., 1], want[..., 1], atol=tol * scale, rtol=tol)
+
+
+def test_conv_unet_cuda_matches_reference():
+    """The CIFAR U-Net under "conv" kernels (fp32, IEEE dots) equals its reference forward."""
+    import copy
+
+    from ddpm_fast.fast import gemm_layout
+
+    torch.manual_seed(0)
+    ref = UNet2DModel("cifar10").cuda().eval()
+    conv = gemm_layout(copy.deepcopy(ref).set_kernels("conv").to(memory_format=torch.channels_last))
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    t = torch.tensor([5, 50, 500, 999], device="cuda")
+    with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False):
+        expect = ref(x, t)
+        got = conv(x.contiguous(memory_format=torch.channels_last), t)
+    assert (got - expect).abs().max() <= 1e-3
+
+
+def test_conv_kernels_bf16_sampling_with_graphs():
+    """FastRunner(kernels="conv"): bf16, CUDA graphs; same per-channel statistics as fp32."""
+    unet = _tiny()
+    s = Schedule.linear()
+    ts = s.timesteps(50)
+    table = s.step_table(ts, "fixed_large")
+    ref = FastRunner(unet, "cuda", dtype=torch.float32, use_graphs=False,
+                     compile=False).sample(table, ts, 512, 1)
+    fast = FastRunner(unet, "cuda", kernels="conv")
+    out = fast.sample(table, ts, 512, 1)
+    assert torch.equal(out, fast.sample(table, ts, 512, 1))      # graph replay is deterministic
+    for dim_stats in (lambda v: v.mean(dim=(0, 2, 3)), lambda v: v.std(dim=(0, 2, 3))):
+        torch.testing.assert_close(dim_stats(out), dim_stats(ref), atol=2e-2, rtol=0)
