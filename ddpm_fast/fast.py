@@ -126,13 +126,24 @@ def pack_convolutions(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def gemm_layout(model: torch.nn.Module) -> torch.nn.Module:
-    """Every 3×3/1×1 Conv2d weight re-laid in place as [KH, KW, Cin, Cout] memory (its shape and
-    values unchanged): the layout the conv2d op's implicit GEMM reads its B tiles from, with
-    output channels contiguous. torch's own convolution takes it too, by strides."""
+    """Every convolution weight re-laid in place as [KH, KW, Cin, Cout] memory, and every
+    attention projection as [Cin, Cout] (shapes and values unchanged): the layout the conv2d
+    op's implicit GEMM reads its B tiles from, output channels contiguous. torch's own
+    convolutions and linear layers take it too, by strides."""
+    from .unet import Attention
+
+    def relaid(w):
+        return w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1) if w.dim() == 4 \
+            else w.t().contiguous().t()
+
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.Conv2d):
-                m.weight.data = m.weight.data.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+                m.weight.data = relaid(m.weight.data)
+            elif isinstance(m, Attention):
+                m.to_out[0].weight.data = relaid(m.to_out[0].weight.data)
+                if m.qkv_weight is not None:
+                    m.qkv_weight = relaid(m.qkv_weight)
     return model
 
 

@@ -280,6 +280,39 @@ class Attention(nn.Module):
         return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
 
 
+    def forward_conv(self, x, x_stats):
+        """The block as three kernels ("conv" kernels): the q/k/v projection is a 1×1 conv2d
+        with the GroupNorm (from x's statistics) in its input; the attention op; the output
+        projection a 1×1 conv2d with the residual and the next norm's statistics in its output.
+        Channels_last activations are [B, L, C] sequences already, so no transposes are copied.
+        Returns (output, its statistics)."""
+        from .ops.conv2d import conv2d
+
+        b, c, h, w = x.shape
+        gn = self.group_norm
+        if self.qkv_weight is None:
+            self.fuse_qkv()
+        qkv = conv2d(x, self.qkv_weight[:, :, None, None], self.qkv_bias, padding=0,
+                     norm=(gn.weight, gn.bias, gn.num_groups, gn.eps), norm_stats=x_stats)
+        q, k, v = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3 * c).chunk(3, dim=-1)
+        if self.heads == 1:
+            from .ops.attention import attention
+
+            o = attention(q, k, v, c ** -0.5)
+        else:
+            def heads(t):
+                return t.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
+
+            o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+            o = o.transpose(1, 2).reshape(b, h * w, c)
+        o = o.view(b, h, w, c).permute(0, 3, 1, 2)           # [B, C, H, W], channels_last
+        out_proj = self.to_out[0]
+        out, stats = conv2d(o, out_proj.weight[:, :, None, None], out_proj.bias, padding=0,
+                            residual=x, return_stats=True)
+        if self.rescale_output_factor != 1.0:
+            return out / self.rescale_output_factor, None
+        return out, stats
+
     def _forward_fused(self, x):
         b, c, h, w = x.shape
         seq = norm_act(self.group_norm, x, False, True).flatten(2).transpose(1, 2)   # [B, L, C]
@@ -541,9 +574,9 @@ class UNet2DModel(nn.Module):
         return self.conv_out(norm_act(self.conv_norm_out, x, True, self.fused))
 
     def _forward_conv(self, x, temb):
-        """forward() under "conv" kernels: each convolution one conv2d call, each activation
-        travelling with the per-channel statistics its producer computed (None after an
-        attention block: the next convolution computes them)."""
+        """forward() under "conv" kernels: each convolution (and each attention block's two
+        projections) one conv2d call, each activation travelling with the per-channel
+        statistics its producer computed, so that no GroupNorm is a pass of its own."""
         from .ops.conv2d import conv2d
 
         h, stats = conv2d(x, self.conv_in.weight, self.conv_in.bias, return_stats=True)
@@ -552,7 +585,7 @@ class UNet2DModel(nn.Module):
             for i, resnet in enumerate(block.resnets):
                 h, stats = resnet.forward_conv(h, stats, temb)
                 if block.attentions is not None:
-                    h, stats = block.attentions[i](h), None
+                    h, stats = block.attentions[i].forward_conv(h, stats)
                 skips.append((h, stats))
             if block.downsamplers is not None:
                 down = block.downsamplers[0]
@@ -563,14 +596,14 @@ class UNet2DModel(nn.Module):
         mid = self.mid_block
         h, stats = mid.resnets[0].forward_conv(h, stats, temb)
         if mid.attentions[0] is not None:
-            h, stats = mid.attentions[0](h), None
+            h, stats = mid.attentions[0].forward_conv(h, stats)
         h, stats = mid.resnets[1].forward_conv(h, stats, temb)
         for block in self.up_blocks:
             for i, resnet in enumerate(block.resnets):
                 skip, skip_stats = skips.pop()
                 h, stats = resnet.forward_conv(h, stats, temb, skip, skip_stats)
                 if block.attentions is not None:
-                    h, stats = block.attentions[i](h), None
+                    h, stats = block.attentions[i].forward_conv(h, stats)
             if block.upsamplers is not None:
                 up = block.upsamplers[0].conv
                 h, stats = conv2d(h, up.weight, up.bias, upsample=True, return_stats=True)

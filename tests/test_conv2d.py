@@ -282,3 +282,32 @@ def test_layer_benchmark_smoke():
     from benchmarks.conv2d_layers import main
 
     assert main(["--smoke"]) == 0
+
+
+def _partials(x, tile):
+    """Per-channel (count, mean, M2) partials of x [N, C, H, W] over pixel tiles: [N, T, C, 3]."""
+    flat = x.flatten(2)
+    parts = []
+    for i in range(0, flat.shape[2], tile):
+        chunk = flat[..., i:i + tile]
+        mean = chunk.mean(-1)
+        parts.append(torch.stack([torch.full_like(mean, chunk.shape[-1]), mean,
+                                  ((chunk - mean[..., None]) ** 2).sum(-1)], -1))
+    return torch.stack(parts, dim=1)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (interpreter on CPU)")
+@pytest.mark.parametrize("tiles", [(7, 13), (1, 100)])    # 100 tiles: more than one T block
+def test_triton_norm_affine_equals_torch(tiles):
+    """The one-launch finalize (partials → per-channel scale/shift) of the Triton path against
+    the torch merge, for a group straddling the x/skip boundary and a mean of 1e3."""
+    from ddpm_fast.kernels.triton.conv2d import norm_affine as triton_norm_affine
+
+    x = _randn(3, 40, 10, 10, seed=1) + 1e3
+    skip = _randn(3, 24, 10, 10, seed=2) * 3
+    parts = [_partials(x, tiles[0]), _partials(skip, tiles[1])]
+    norm = Norm(_randn(64, seed=3), _randn(64, seed=4), 4, EPS)      # 16 channels a group
+    scale, shift = triton_norm_affine(parts, *norm)
+    want_scale, want_shift = norm_affine(parts, norm)
+    torch.testing.assert_close(scale, want_scale, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(shift, want_shift, rtol=1e-4, atol=1e-3)

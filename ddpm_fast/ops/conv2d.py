@@ -238,17 +238,18 @@ def _impl(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups, 
     shortcut = None if sc_w is None else (sc_x, sc_skip, sc_w, sc_b)
     which = backend.choose(x.device, cuda_prefers="triton", cpu_prefers="torch")
     if which == "triton":
-        from ..kernels.triton.conv2d import conv2d as kernel
+        from ..kernels.triton import conv2d as triton_conv
 
         if norm is not None:
-            scale, shift = norm_affine(stats, norm)
+            scale, shift = triton_conv.norm_affine(stats, *norm)
         else:
             scale = shift = None
         y = torch.empty(x.shape[0], weight.shape[0], ho, wo, dtype=x.dtype, device=x.device,
                         memory_format=_memory_format(x))
-        y_stats = kernel(y, x, weight, bias, stride=stride, pad=pad, upsample=upsample,
-                         skip=skip, scale=scale, shift=shift, silu=silu, temb=temb,
-                         residual=residual, shortcut=shortcut, return_stats=return_stats)
+        y_stats = triton_conv.conv2d(y, x, weight, bias, stride=stride, pad=pad,
+                                     upsample=upsample, skip=skip, scale=scale, shift=shift,
+                                     silu=silu, temb=temb, residual=residual,
+                                     shortcut=shortcut, return_stats=return_stats)
     else:   # torch, or "native" (no C++/CUDA convolution of ours: torch's is that backend)
         y, y_stats = conv2d_reference(x, weight, bias, stride=stride, pad=pad,
                                       upsample=upsample, skip=skip, norm=norm, norm_stats=stats,

@@ -182,6 +182,82 @@ def _conv2d_kernel(
         tl.store(s + 2, m2, mask=co_mask)
 
 
+@triton.jit
+def _merge_part(stats_ptr, n, T, Cp, c, c_mask, shift_mean, BLOCK_T: tl.constexpr,
+                CPG: tl.constexpr, SECOND_PASS: tl.constexpr):
+    """Over one input part's partials [N, T, Cp, 3] of channels c: Σ count and Σ count·mean, or
+    (second pass, given the group mean) Σ M2 + count·(mean − group mean)²."""
+    tt = tl.arange(0, BLOCK_T)
+    a = tl.zeros((BLOCK_T, CPG), dtype=tl.float32)
+    b = tl.zeros((BLOCK_T, CPG), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tt
+        m = (t < T)[:, None] & c_mask[None, :]
+        base = stats_ptr + ((n * T + t)[:, None] * Cp + c[None, :]) * 3
+        cnt = tl.load(base, mask=m, other=0.0)
+        mean = tl.load(base + 1, mask=m, other=0.0)
+        if SECOND_PASS:
+            d = mean - shift_mean
+            a += tl.load(base + 2, mask=m, other=0.0) + cnt * d * d
+        else:
+            a += cnt
+            b += cnt * mean
+    return tl.sum(tl.sum(a, axis=1), axis=0), tl.sum(tl.sum(b, axis=1), axis=0)
+
+
+@triton.jit
+def _norm_affine_kernel(
+    s0_ptr, s1_ptr,         # per-channel partials of x [N, T0, C0, 3] and of skip [N, T1, C1, 3]
+    w_ptr, b_ptr,           # GroupNorm weight, bias [C0 + C1] fp32
+    scale_ptr, shift_ptr,   # out: [N, C0 + C1] fp32, u·scale + shift = GroupNorm(u)
+    T0, C0, T1, C1, cpg, groups, eps,
+    HAS_SKIP: tl.constexpr, BLOCK_T: tl.constexpr, CPG: tl.constexpr,
+):
+    task = tl.program_id(0)
+    n = task // groups
+    g = task % groups
+    cc = g * cpg + tl.arange(0, CPG)                     # the group's channels, concatenated
+    in_group = tl.arange(0, CPG) < cpg
+    # Chan's merge in two passes over the partials: the group mean, then M2 about it
+    count, total = _merge_part(s0_ptr, n, T0, C0, cc, in_group & (cc < C0), 0.0, BLOCK_T, CPG,
+                               False)
+    if HAS_SKIP:
+        count1, total1 = _merge_part(s1_ptr, n, T1, C1, cc - C0, in_group & (cc >= C0), 0.0,
+                                     BLOCK_T, CPG, False)
+        count += count1
+        total += total1
+    mean = total / count
+    m2, _ = _merge_part(s0_ptr, n, T0, C0, cc, in_group & (cc < C0), mean, BLOCK_T, CPG, True)
+    if HAS_SKIP:
+        m2_skip, _ = _merge_part(s1_ptr, n, T1, C1, cc - C0, in_group & (cc >= C0), mean,
+                                 BLOCK_T, CPG, True)
+        m2 += m2_skip
+    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    scale = tl.load(w_ptr + cc, mask=in_group, other=0.0) * rstd
+    shift = tl.load(b_ptr + cc, mask=in_group, other=0.0) - mean * scale
+    out = n * (C0 + C1) + cc
+    tl.store(scale_ptr + out, scale, mask=in_group)
+    tl.store(shift_ptr + out, shift, mask=in_group)
+
+
+def norm_affine(parts, weight, bias, groups: int, eps: float):
+    """GroupNorm of the concatenated parts as fp32 (scale, shift) [N, C], from their per-channel
+    partials (ops/conv2d.py's format), in one launch of N · groups programs."""
+    s0 = parts[0].contiguous()
+    s1 = parts[1].contiguous() if len(parts) > 1 else s0
+    n, t0, c0, _ = s0.shape
+    t1, c1 = (s1.shape[1], s1.shape[2]) if len(parts) > 1 else (0, 0)
+    c = c0 + c1
+    scale = torch.empty(n, c, dtype=torch.float32, device=s0.device)
+    shift = torch.empty_like(scale)
+    _norm_affine_kernel[(n * groups,)](
+        s0, s1, weight.float().contiguous(), bias.float().contiguous(), scale, shift,
+        t0, c0, t1, c1, c // groups, groups, eps, HAS_SKIP=len(parts) > 1,
+        BLOCK_T=min(64, triton.next_power_of_2(max(t0, t1))),
+        CPG=max(2, triton.next_power_of_2(c // groups)))
+    return scale, shift
+
+
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
