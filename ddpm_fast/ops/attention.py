@@ -23,6 +23,8 @@ def _check(q, k, v):
     torch._check(q.dim() == 3, lambda: f"q must be [B, L, D], got shape {tuple(q.shape)}")
     torch._check(q.shape == k.shape == v.shape,
                  lambda: f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    torch._check(q.device == k.device == v.device,
+                 lambda: f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     torch._check(q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.bfloat16,
                                                                torch.float16),
                  lambda: f"q, k, v must share one of fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")

@@ -46,6 +46,11 @@ def _check(x, weight, bias, groups, add):
                  lambda: f"weight and bias must be [{x.shape[1]}]")
     if add is not None:
         torch._check(add.shape == x.shape[:2], lambda: f"add must be [{x.shape[0]}, {x.shape[1]}]")
+    # a kernel takes raw pointers: a tensor on another device must not reach it
+    for name, t in (("weight", weight), ("bias", bias), ("add", add)):
+        if t is not None:
+            torch._check(t.device == x.device,
+                         lambda: f"group_norm: {name} is on {t.device}, x on {x.device}")
 
 
 def _run_native(out, x, w, b, groups, eps, silu, add, channels_last):

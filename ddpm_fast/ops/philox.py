@@ -75,9 +75,20 @@ def key_tensor(seed: int, first_image: int = 0, device="cpu") -> torch.Tensor:
     return torch.tensor([seed, first_image], dtype=torch.int64, device=device)
 
 
+def _check(key, step):
+    """The kernels read key[0], key[1] and step[0] through raw pointers on key's device."""
+    torch._check(key.dtype == torch.int64 and key.numel() == 2 and key.is_contiguous(),
+                 lambda: "key must be a contiguous int64 [2] tensor")
+    torch._check(step.dtype == torch.int64 and step.numel() >= 1,
+                 lambda: "step must be an int64 tensor with at least one element")
+    torch._check(step.device == key.device,
+                 lambda: f"philox_normal: step is on {step.device}, key on {key.device}")
+
+
 @torch.library.custom_op("ddpm_fast::philox_normal", mutates_args=())
 def _philox_normal_op(key: torch.Tensor, step: torch.Tensor, num_images: int, per_image: int
                       ) -> torch.Tensor:
+    _check(key, step)
     device = key.device
     out = torch.empty(num_images, per_image, dtype=torch.float32, device=device)
     which = backend.choose(device)
@@ -102,7 +113,7 @@ def _philox_normal_op(key: torch.Tensor, step: torch.Tensor, num_images: int, pe
 
 @_philox_normal_op.register_fake
 def _(key, step, num_images, per_image):
-    torch._check(key.dtype == torch.int64 and key.numel() == 2, lambda: "key must be int64 [2]")
+    _check(key, step)
     return key.new_empty(num_images, per_image, dtype=torch.float32)
 
 

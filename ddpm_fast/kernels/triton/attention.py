@@ -24,7 +24,7 @@ def _attention_kernel(Q, K, V, O, L, D, scale,
                       sqb, sql, sqd, skb, skl, skd, svb, svl, svd, sob, sol, sod,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
                       BLOCK_DV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)      # b · stride passes 2³¹ on big batches of 256-px maps
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     row_ok = rows < L

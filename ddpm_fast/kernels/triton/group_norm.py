@@ -1,6 +1,6 @@
 """Triton GroupNorm(+add, +SiLU) with the reduction split across programs.
 
-Each (image, group) is cut into chunks of CHUNK elements. Kernel 1 (grid: chunks × N·G) writes the
+Each (image, group) is cut into chunks of CHUNK elements. Kernel 1 (grid: N·G × chunks) writes the
 chunk's count, mean and M2 from a two-pass over values held in registers; kernel 2 (same grid)
 merges the group's partials with Chan et al.'s formula, then normalises its chunk. So batch 1 with
 32 groups still launches chunks × 32 programs, and statistics are fp32 and never E[x²] − E[x]².
@@ -42,8 +42,8 @@ def _gn_partial_kernel(
     sx_n, sx_c, sx_h, sx_w,
     HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    task = tl.program_id(1)
+    task = tl.program_id(0)         # N·G on grid-X (up to 2³¹ − 1; grid-Y stops at 65,535)
+    chunk = tl.program_id(1)
     n = task // groups
     g = task % groups
     v, mask, ch, p = _load_chunk(x_ptr, add_ptr, n, g, chunk, C, W, cpg, hw, count,
@@ -68,8 +68,8 @@ def _gn_apply_kernel(
     HAS_ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, SILU: tl.constexpr,
     CHUNK: tl.constexpr, CHUNKS_P2: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    task = tl.program_id(1)
+    task = tl.program_id(0)         # N·G on grid-X (up to 2³¹ − 1; grid-Y stops at 65,535)
+    chunk = tl.program_id(1)
     n = task // groups
     g = task % groups
     # merge partials: mean = Σ n_k m_k / N, M2 = Σ M2_k + Σ n_k (m_k − mean)²
@@ -101,7 +101,7 @@ def group_norm(out, x, weight, bias, groups: int, eps: float, silu: bool, add, c
     count = cpg * hw
     chunks = triton.cdiv(count, CHUNK)
     partials = torch.empty(n * groups, chunks, 3, dtype=torch.float32, device=x.device)
-    grid = (chunks, n * groups)
+    grid = (n * groups, chunks)
     add_arg = add if add is not None else weight
     _gn_partial_kernel[grid](x, add_arg, partials, c, w, cpg, hw, count, groups, chunks,
                              *x.stride(), HAS_ADD=add is not None, CHANNELS_LAST=channels_last,

@@ -1,0 +1,102 @@
+"""What every kernel launch must satisfy, checked where no kernel can run: grids within CUDA's limits
+at the largest batch `batch_size="auto"` may choose, and no pointer of another device handed over.
+
+The Triton launchers run on meta tensors with their kernels replaced by recorders, so the launch
+arithmetic (grid, tiles, buffer shapes) is what a GPU would get."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ddpm_fast.memory import MAX_AUTO_BATCH  # noqa: E402
+
+GRID_YZ_LIMIT = 65_535          # CUDA's grid-Y and grid-Z maximum (grid-X: 2³¹ − 1)
+
+
+class Recorder:
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.grids.append(tuple(grid))
+
+
+def _record(monkeypatch, module, *names):
+    recorder = Recorder()
+    for name in names:
+        monkeypatch.setattr(module, name, recorder)
+    return recorder
+
+
+def _assert_within_limits(grids):
+    assert grids
+    for grid in grids:
+        assert all(g >= 1 for g in grid), grid
+        assert grid[0] < 2 ** 31 and all(g <= GRID_YZ_LIMIT for g in grid[1:]), grid
+
+
+def _meta(*shape, dtype=torch.bfloat16, channels_last=True):
+    t = torch.empty(*shape, dtype=dtype, device="meta")
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+
+def test_auto_batch_bound_is_what_these_tests_use():
+    assert MAX_AUTO_BATCH >= 4096
+
+
+@pytest.mark.parametrize("shape", [(MAX_AUTO_BATCH, 128, 32, 32), (MAX_AUTO_BATCH, 512, 8, 8)])
+def test_group_norm_grid(monkeypatch, shape):
+    from ddpm_fast.kernels.triton import group_norm as gn
+
+    rec = _record(monkeypatch, gn, "_gn_partial_kernel", "_gn_apply_kernel")
+    x = _meta(*shape)
+    c = shape[1]
+    gn.group_norm(torch.empty_like(x), x, _meta(c, dtype=torch.float32),
+                  _meta(c, dtype=torch.float32), 32, 1e-6, True, None, True)
+    _assert_within_limits(rec.grids)
+
+
+def test_attention_grid(monkeypatch):
+    from ddpm_fast.kernels.triton import attention as at
+
+    rec = _record(monkeypatch, at, "_attention_kernel")
+    q = _meta(MAX_AUTO_BATCH, 256, 512)
+    at.attention(torch.empty_like(q), q, q, q, 512 ** -0.5)
+    _assert_within_limits(rec.grids)
+
+
+def test_conv2d_and_norm_affine_grids(monkeypatch):
+    from ddpm_fast.kernels.triton import conv2d as cv
+
+    rec = _record(monkeypatch, cv, "_conv2d_kernel", "_norm_affine_kernel")
+    monkeypatch.setattr(cv, "INTERPRET", False)
+    n = MAX_AUTO_BATCH
+    x, skip = _meta(n, 256, 16, 16), _meta(n, 256, 16, 16)
+    weight = _meta(256, 512, 3, 3)
+    stats = [_meta(n, 4, 256, 3, dtype=torch.float32)] * 2
+    scale, shift = cv.norm_affine(stats, _meta(512, dtype=torch.float32),
+                                  _meta(512, dtype=torch.float32), 32, 1e-6)
+    y = _meta(n, 256, 16, 16)
+    out_stats = cv.conv2d(y, x, weight, None, stride=1, pad=(1, 1, 1, 1), upsample=False,
+                          skip=skip, scale=scale, shift=shift, silu=True, temb=None,
+                          residual=None, shortcut=None, return_stats=True)
+    assert out_stats.shape[0] == n and out_stats.shape[2:] == (256, 3)
+    _assert_within_limits(rec.grids)
+
+
+def test_ops_refuse_tensors_on_another_device():
+    """'meta' stands in for a second device: the error names the argument, before any launch."""
+    from ddpm_fast.ops import attention, group_norm
+    from ddpm_fast.ops.philox import _philox_normal_op, key_tensor
+
+    x = torch.randn(2, 32, 4, 4)
+    with pytest.raises(RuntimeError, match="weight is on meta"):
+        group_norm(x, torch.ones(32, device="meta"), torch.zeros(32), 8, 1e-6, True)
+    with pytest.raises(RuntimeError, match="add is on meta"):
+        group_norm(x, torch.ones(32), torch.zeros(32), 8, 1e-6, True,
+                   torch.zeros(2, 32, device="meta"))
+    q = torch.randn(2, 16, 8)
+    with pytest.raises(RuntimeError, match="devices differ"):
+        attention(q, q.to("meta"), q, 0.3)
+    with pytest.raises(RuntimeError, match="step is on meta"):
+        _philox_normal_op(key_tensor(1), torch.zeros(1, dtype=torch.int64, device="meta"), 2, 8)
