@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOL
+from conftest import TOL, TRITON
 from ddpm_fast.ops import attention, attention_reference
-from ddpm_fast.ops.backend import triton_available, use_backend
+from ddpm_fast.ops.backend import use_backend
 
-BACKENDS = ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else [])
+BACKENDS = ["torch"] + TRITON
 SHAPES = [            # (batch, L = H·W, D = channels)
     (1, 16, 256),     # batch 1, 4×4 map, the CIFAR mid block
     (2, 64, 128),     # 8×8

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_fast.ops.backend import triton_available, use_backend
+from conftest import TRITON
+from ddpm_fast.ops.backend import use_backend
 from ddpm_fast.ops.conv2d import _per_channel, conv2d, norm_affine, Norm
 
-BACKENDS = ["torch"] + (["triton"] if triton_available(torch.device("cpu")) else [])
+BACKENDS = ["torch"] + TRITON
 EPS = 1e-6
 
 

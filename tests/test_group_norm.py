@@ -3,13 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOL
+from conftest import TOL, TRITON
 from ddpm_fast import _native
 from ddpm_fast.ops import group_norm, group_norm_reference
-from ddpm_fast.ops.backend import triton_available, use_backend
+from ddpm_fast.ops.backend import use_backend
 
 BACKENDS = (["torch"] + (["native"] if _native.available() else [])
-            + (["triton"] if triton_available(torch.device("cpu")) else []))
+            + TRITON)
 SHAPES = [
     (1, 128, 32, 32, 32),   # batch 1, CIFAR first level
     (3, 256, 8, 8, 32),     # batch > 1, 8×8

@@ -5,16 +5,16 @@ import math
 import pytest
 import torch
 
+from conftest import TRITON
 from ddpm_fast import _native
 from ddpm_fast.ops import ddpm_step, ddpm_step_out, ddpm_step_reference, philox_normal
 from ddpm_fast.ops.backend import use_backend
 from ddpm_fast.ops.philox import (key_tensor, philox4x32_10_reference, philox_normal_reference)
 from ddpm_fast.schedule import Schedule
 
-from ddpm_fast.ops.backend import triton_available
 
 BACKENDS = (["torch"] + (["native"] if _native.available() else [])
-            + (["triton"] if triton_available(torch.device("cpu")) else []))
+            + TRITON)
 SHAPES = [
     (1, 3, 32, 32),    # batch 1, CIFAR
     (5, 3, 17, 13),    # odd sizes, C·H·W not a multiple of 4

@@ -9,10 +9,11 @@ A sampler bug that damages images must fail the gate (tested with a broken step 
 import pytest
 import torch
 
+from conftest import TRITON
 import ddpm_fast
 from ddpm_fast.cli import default_model_path
 from ddpm_fast.images import to_uint8
-from ddpm_fast.ops.backend import triton_available, use_backend
+from ddpm_fast.ops.backend import use_backend
 from ddpm_fast.schedule import SIGMA
 from ddpm_fast.training import DIGITS_CONFIG
 from ddpm_fast.unet import UNet2DModel
@@ -48,8 +49,7 @@ def test_shipped_model_passes(mode, kw, n):
     assert passes(s), s
 
 
-@pytest.mark.skipif(not triton_available(torch.device("cpu")),
-                    reason="triton is a Linux-only test extra; not installed here")
+@pytest.mark.skipif(not TRITON, reason="triton is a Linux-only test extra; not installed here")
 def test_shipped_model_passes_on_triton_backend():
     # The Triton sampler step and Philox noise (interpreter on CPU); the U-Net keeps torch ops,
     # since interpreting every GroupNorm program would take minutes (those kernels are
