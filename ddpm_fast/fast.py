@@ -201,6 +201,25 @@ class FastRunner:
         self.model = torch.compile(self.unet, fullgraph=True) if compile else self.unet
         self._graphs: dict = {}
 
+    def _unet(self, x: torch.Tensor, temb: TimeProjections) -> torch.Tensor:
+        try:
+            return self.model(x, None, temb=temb)
+        except Exception as e:       # Inductor failed (at the first, warm-up call): go eager
+            if self.model is self.unet:
+                raise
+            warnings.warn(f"torch.compile of the U-Net failed ({type(e).__name__}: {e}); "
+                          "using the eager U-Net with the fused kernels")
+            self._eager_fallback()
+            return self.model(x, None, temb=temb)
+
+    def _eager_fallback(self) -> None:
+        """The eager U-Net with our fused kernels, not the reference ops that compile chose
+        (those were left for Inductor to fuse)."""
+        self.unet.set_kernels("fused")
+        for norm in self.unet.fused_norms():
+            norm.float()
+        self.model = self.unet
+
     # ------------------------------------------------------------------ tables
     @torch.no_grad()
     def time_table(self, timesteps: Sequence[int]) -> torch.Tensor:
@@ -215,7 +234,7 @@ class FastRunner:
         temb = TimeProjections(state["temb"].index_select(0, step))   # [1, Σ C], broadcast
         # one kernel: cast to the model dtype straight into the model's memory format
         inp = x.to(dtype=self.dtype, memory_format=self.memory_format)
-        eps = self.model(inp, None, temb=temb)
+        eps = self._unet(inp, temb)
         ddpm_step_out(x, x, eps, state["coef"], step, state["key"], None, state["clip"])
         step.add_(1)
 
@@ -244,15 +263,7 @@ class FastRunner:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), torch.no_grad():
-                try:
-                    self._warm_up(state)
-                except Exception as e:             # Inductor failed: run the eager U-Net
-                    if self.model is self.unet:
-                        raise
-                    warnings.warn(f"torch.compile of the U-Net failed ({type(e).__name__}: {e}); "
-                                  "using the eager U-Net")
-                    self.model = self.unet
-                    self._warm_up(state)
+                self._warm_up(state)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:

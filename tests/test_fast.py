@@ -131,3 +131,25 @@ def test_fused_norms_keep_fp32_affine_once():
             n.to(torch.bfloat16)
         per_call = runner.unet(x, t)
     assert torch.equal(once, per_call)
+
+
+def test_failed_compile_falls_back_to_the_fused_eager_unet(monkeypatch):
+    """A torch.compile failure warns once and runs the eager U-Net with the fused kernels (not
+    the reference ops compile had chosen); the images are the eager runner's."""
+    def broken_compile(model, **kwargs):
+        def fail(*args, **kw):
+            raise RuntimeError("inductor exploded")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    unet = UNet2DModel("tiny").eval()
+    s = Schedule.linear()
+    ts = s.timesteps(4)
+    table = s.step_table(ts)
+    runner = FastRunner(unet, "cpu", dtype=torch.float32, compile=True)
+    assert runner.unet.kernels == "reference"           # what compile left to Inductor
+    with pytest.warns(UserWarning, match="inductor exploded"):
+        out = runner.sample(table, ts, 2, seed=1)
+    assert runner.model is runner.unet and runner.unet.kernels == "fused"
+    eager = FastRunner(unet, "cpu", dtype=torch.float32, compile=False, kernels="fused")
+    torch.testing.assert_close(out, eager.sample(table, ts, 2, seed=1), atol=1e-5, rtol=0)
