@@ -64,7 +64,7 @@ def specialise(fn, args, kw):
             signature[name] = "i32"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    options = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages")}
+    options = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages", "launch_pdl")}
     return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), options
 
 
@@ -124,6 +124,7 @@ def compile_layer(layer, batch: int, arch: int) -> dict:
                      kw["num_stages"]],
             "compile_s": round(time.perf_counter() - start, 2),
             "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
+            "griddepcontrol": ptx.count("griddepcontrol"),
             "shared_bytes": compiled.metadata.shared, **resource_usage(compiled.asm["cubin"])}
 
 

@@ -10,7 +10,8 @@
 #   profile    where the fast step's time goes
 #   conv       the fused-conv path alone (issue 13): its CUDA tests, compute-sanitizer on its
 #              kernel (bf16, batch 3), conv2d_layers.py per layer kind, and CIFAR-10 throughput of
-#              compile / fast / fast-conv at batch 1, 64, 256 (about 6 minutes after a build)
+#              compile / fast / fast-conv / fast-conv-pdl at batch 1, 64, 256 (about 7 minutes
+#              after a build)
 #
 #   OUT=/tmp/out ARCHS=90 bash benchmarks/gpu_suite.sh build conv               # a short window
 #
@@ -99,9 +100,9 @@ for stage in "${STAGES[@]}"; do
         python3 benchmarks/conv2d_layers.py --device cuda --batch 1 64 256 \
             > "$OUT/conv2d_layers.log" 2>&1 || status=1
         tail -45 "$OUT/conv2d_layers.log"
-        step "sample throughput: compile / fast (Inductor) / fast-conv"
+        step "sample throughput: compile / fast (Inductor) / fast-conv (PDL off, on)"
         python3 benchmarks/sample_throughput.py --device cuda --config cifar10 --batch 1 64 256 \
-            --providers compile fast fast-conv \
+            --providers compile fast fast-conv fast-conv-pdl \
             --out "benchmarks/results/sample_throughput_conv_$(date +%F).json" \
             > "$OUT/throughput_conv.log" 2>&1 || status=1
         tail -15 "$OUT/throughput_conv.log"

@@ -11,6 +11,7 @@ Providers (each skipped with a note when it cannot run here):
   fast-heuristic  fast mode with cuDNN's heuristic algorithm choice instead of benchmark mode
   fast-conv  fast mode with kernels="conv": every convolution the fused conv2d op (Triton),
              norm and adds folded in; today's default ("fast") is the Inductor path
+  fast-conv-pdl  fast-conv with programmatic dependent launch (DDPM_FAST_PDL=1)
 
 Every provider runs the same weights. A "step" is one U-Net forward plus one sampler update; per-step
 latency is the median over timed steps after warm-up, and images/s for a full 1000-step sample is
@@ -232,6 +233,25 @@ def provider_ours(mode, compile=None, autotune_convs=None, kernels=None):
     return build
 
 
+def provider_pdl(build_steps):
+    """A provider with DDPM_FAST_PDL=1 while it builds and captures (the launches its CUDA graph
+    records carry programmatic dependent launch), restored for the providers after it."""
+    def build(unet, batch, device, args):
+        saved = os.environ.get("DDPM_FAST_PDL")
+        os.environ["DDPM_FAST_PDL"] = "1"
+        try:
+            step = build_steps(unet, batch, device, args)
+            step(0)                       # capture now, while the switch is on
+        finally:
+            if saved is None:
+                os.environ.pop("DDPM_FAST_PDL")
+            else:
+                os.environ["DDPM_FAST_PDL"] = saved
+        return step
+
+    return build
+
+
 PROVIDERS = {
     "diffusers": provider_diffusers,
     "compile": provider_compile,
@@ -242,6 +262,7 @@ PROVIDERS = {
     "fast-heuristic": provider_ours("fast", autotune_convs=False),
     # every convolution our fused conv2d (norm in, adds and statistics out), no Inductor
     "fast-conv": provider_ours("fast", kernels="conv"),
+    "fast-conv-pdl": provider_pdl(provider_ours("fast", kernels="conv")),
 }
 
 
@@ -334,7 +355,8 @@ def main(argv=None) -> int:
         args.batch = [1, 16, 64, 256] if device.type == "cuda" else [1, 8]
     if args.providers is None:
         args.providers = [p for p in PROVIDERS                # the CUDA-only settings
-                          if device.type == "cuda" or p not in ("fast-heuristic", "fast-conv")]
+                          if device.type == "cuda" or not p.startswith(("fast-heuristic",
+                                                                         "fast-conv"))]
     if args.steps is None:
         args.steps = 30 if device.type == "cuda" else 10
     if any(b <= 0 for b in args.batch) or args.steps <= 0:

@@ -26,6 +26,14 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def pdl_enabled() -> bool:
+    """Programmatic dependent launch (sm_90+): each conv kernel is launched while its
+    predecessor finishes and waits in-kernel (griddepcontrol) before touching memory, hiding
+    launch latency in the batch-1 chain. DDPM_FAST_PDL=1 turns it on; off by default until a
+    GPU run measures it (benchmarks/gpu_suite.sh conv). The interpreter has no griddepcontrol."""
+    return os.environ.get("DDPM_FAST_PDL") == "1" and not INTERPRET
+
+
 @triton.jit
 def _mma_step(acc, a, w_ptr, k_idx, k_mask, co, co_mask, sw_k, sw_co,
               IEEE: tl.constexpr):
@@ -63,9 +71,12 @@ def _conv2d_kernel(
     HAS_SKIP: tl.constexpr, HAS_NORM: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_TEMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SC: tl.constexpr,
     SC_HAS_SKIP: tl.constexpr, SC_HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    if PDL:     # let the next kernel launch now; wait for the previous one before any access
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
@@ -211,8 +222,11 @@ def _norm_affine_kernel(
     w_ptr, b_ptr,           # GroupNorm weight, bias [C0 + C1] fp32
     scale_ptr, shift_ptr,   # out: [N, C0 + C1] fp32, u·scale + shift = GroupNorm(u)
     T0, C0, T1, C1, cpg, groups, eps,
-    HAS_SKIP: tl.constexpr, BLOCK_T: tl.constexpr, CPG: tl.constexpr,
+    HAS_SKIP: tl.constexpr, BLOCK_T: tl.constexpr, CPG: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     task = tl.program_id(0)
     n = task // groups
     g = task % groups
@@ -254,8 +268,13 @@ def norm_affine(parts, weight, bias, groups: int, eps: float):
         s0, s1, weight.float().contiguous(), bias.float().contiguous(), scale, shift,
         t0, c0, t1, c1, c // groups, groups, eps, HAS_SKIP=len(parts) > 1,
         BLOCK_T=min(64, triton.next_power_of_2(max(t0, t1))),
-        CPG=max(2, triton.next_power_of_2(c // groups)))
+        CPG=max(2, triton.next_power_of_2(c // groups)), **_pdl_options())
     return scale, shift
+
+
+def _pdl_options() -> dict:
+    on = pdl_enabled()
+    return dict(PDL=on, launch_pdl=True) if on else dict(PDL=False)
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -332,5 +351,6 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
         HAS_TEMB=temb is not None, HAS_RES=residual is not None, HAS_SC=sc_w is not None,
         SC_HAS_SKIP=sc_skip is not None, SC_HAS_BIAS=sc_b is not None, STATS=return_stats,
         IEEE=x.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        **_pdl_options())
     return stats
