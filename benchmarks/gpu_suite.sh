@@ -106,6 +106,10 @@ for stage in "${STAGES[@]}"; do
             --out "benchmarks/results/sample_throughput_conv_$(date +%F).json" \
             > "$OUT/throughput_conv.log" 2>&1 || status=1
         tail -15 "$OUT/throughput_conv.log"
+        step "fused conv: kernels per step and where the time goes"
+        python3 benchmarks/profile_step.py --device cuda --kernels conv --batch 1 256 --steps 5 \
+            > "$OUT/profile_conv.log" 2>&1 || status=1
+        tail -25 "$OUT/profile_conv.log"
         ;;
     profile)
         step "profile of the fast step"

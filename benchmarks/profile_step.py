@@ -65,7 +65,12 @@ def profile(pipe: DDPMPipeline, batch: int, steps: int, device: torch.device) ->
         if us > 0 and not evt.key.startswith(("ProfilerStep", "cudaGraphLaunch", "aten::copy_")):
             per_cat[category(evt.key)] += us / steps / 1e3
     busy = sum(per_cat.values())
+    device_kernels = [e for e in prof.key_averages()
+                      if e.device_type == torch.autograd.DeviceType.CUDA]
     return {"batch": batch, "wall_ms_per_step": wall * 1e3,
+            # the batch-1 step is a dependent chain: its length bounds the latency
+            "kernels_per_step": (sum(e.count for e in device_kernels) / steps
+                                 if device.type == "cuda" else None),
             "kernel_ms_per_step": {k: round(v, 4) for k, v in sorted(per_cat.items(),
                                                                       key=lambda kv: -kv[1])},
             "busy_fraction": busy / (wall * 1e3) if wall > 0 else None,
@@ -84,21 +89,25 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="cifar10", choices=sorted(PRESETS))
     p.add_argument("--batch", nargs="+", type=int, default=None)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--kernels", default=None, choices=["reference", "fused", "conv"],
+                   help="the U-Net's kernel setting (default: the fast runner's choice)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     batches = args.batch or ([1, 64, 256] if device.type == "cuda" else [8])
     torch.manual_seed(0)
-    pipe = DDPMPipeline(UNet2DModel(PRESETS[args.config]).eval(), mode="fast", device=device)
+    pipe = DDPMPipeline(UNet2DModel(PRESETS[args.config]).eval(), mode="fast", device=device,
+                        kernels=args.kernels)
     env = environment(device)
+    tag = f"_{args.kernels}" if args.kernels else ""
     out = Path(args.out or Path(__file__).parent / "results" /
-               f"profile_{args.config}_{env['device'].replace(' ', '_').replace('/', '_')}.json")
+               f"profile_{args.config}{tag}_{env['device'].replace(' ', '_').replace('/', '_')}.json")
     rows = []
     for batch in batches:
         rows.append(profile(pipe, batch, args.steps, device))
         r = rows[-1]
         print(f"batch {batch}: {r['wall_ms_per_step']:.3f} ms/step wall, kernels busy "
-              f"{100 * (r['busy_fraction'] or 0):.0f}%")
+              f"{100 * (r['busy_fraction'] or 0):.0f}%, {r['kernels_per_step']} kernels/step")
         for cat, ms in r["kernel_ms_per_step"].items():
             print(f"  {cat:22} {ms:9.4f} ms")
         write_json(out, {"environment": env, "args": vars(args), "results": rows})
