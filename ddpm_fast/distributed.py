@@ -105,10 +105,11 @@ def contiguous_runs(seeds: list[int], limit: int) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------- resumable shards
 
 class ShardStore:
-    """A folder of finished shards: shard-<first>-<count>.npz (uint8 images [N, H, W, C] and
-    their seeds) plus a .json manifest with the npz's SHA-256, written after the npz. Both are
-    written to temporary names, fsynced and renamed, so a shard is either whole and listed or
-    absent. run.json pins the settings: shards of a different run are never mixed in."""
+    """A folder of finished shards: shard-<first>-<count>.npz (uint8 images [N, H, W, C] under
+    "arr_0" and their seeds; older runs' shards, under "images", are read too) plus a .json
+    manifest with the npz's SHA-256, written after the npz. Both are written to temporary names,
+    fsynced and renamed, so a shard is either whole and listed or absent. run.json pins the
+    settings: shards of a different run are never mixed in."""
 
     def __init__(self, folder: Path, settings: dict):
         self.folder, self.settings = Path(folder), settings
@@ -171,7 +172,7 @@ class ShardStore:
         from .checkpoints import atomic_write_bytes
 
         buf = io.BytesIO()
-        np.savez(buf, images=images, seeds=np.asarray(seeds, np.int64))
+        np.savez(buf, arr_0=images, seeds=np.asarray(seeds, np.int64))   # images.SAMPLES_KEY
         data = buf.getvalue()
         npz = self.folder / f"shard-{seeds[0]:010d}-{len(seeds):06d}.npz"
         atomic_write_bytes(npz, data)
@@ -184,6 +185,8 @@ class ShardStore:
         in memory at a time; every seed must be finished (checked before the first yield)."""
         import numpy as np
 
+        from .images import samples_key
+
         where = self.finished()
         missing = [s for s in seeds if s not in where]
         if missing:
@@ -194,7 +197,8 @@ class ShardStore:
             for s in seeds:
                 if loaded is None or loaded[0] != where[s]:
                     with np.load(where[s]) as z:
-                        loaded = (where[s], {int(k): im for k, im in zip(z["seeds"], z["images"])})
+                        ims = z[samples_key(z.files)]
+                        loaded = (where[s], {int(k): im for k, im in zip(z["seeds"], ims)})
                 out.append(loaded[1][s])
                 if len(out) == piece:
                     yield np.stack(out)

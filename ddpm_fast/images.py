@@ -87,6 +87,23 @@ def save_npz(path: Path, **arrays) -> None:
                     np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
 
 
+# Sample files (.npz): uint8 images [N, H, W, C] under "arr_0", the key np.savez gives a first
+# positional array and the one npz-based evaluators read (guided-diffusion's evaluator.py), plus
+# their "seeds". Files written before this layout hold the images under "images"; readers take both.
+SAMPLES_KEY = "arr_0"
+LEGACY_SAMPLES_KEY = "images"
+
+
+def samples_key(files) -> str:
+    """The key of the images in an .npz with these member names (np.load(...).files):
+    "arr_0", else the older "images"; ValueError naming both when neither is there."""
+    for key in (SAMPLES_KEY, LEGACY_SAMPLES_KEY):
+        if key in files:
+            return key
+    raise ValueError(f"no images under {SAMPLES_KEY!r} or {LEGACY_SAMPLES_KEY!r} "
+                   f"(keys: {', '.join(files) or 'none'})")
+
+
 def save_folder(path: Path, images: Iterable[np.ndarray], names: Iterable[str]) -> None:
     """One PNG per image under the given file names, written into a temporary folder that is
     renamed into place. `images` may be any iterable of [H, W, C] arrays (a generator too)."""

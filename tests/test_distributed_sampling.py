@@ -56,7 +56,7 @@ def _launch(nproc, out, seeds, batch, extra_env=None, check=True, extra_args=())
 def _shards_are_whole(parts: Path):
     for npz in parts.glob("shard-*.npz"):
         with np.load(npz) as z:           # loads completely: no half-written shard
-            assert z["images"].shape[0] == z["seeds"].shape[0]
+            assert z["arr_0"].shape[0] == z["seeds"].shape[0]
     assert not [p for p in parts.iterdir() if p.name.startswith(".") and "tmp" not in p.name]
 
 
