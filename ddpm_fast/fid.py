@@ -424,8 +424,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv=None, *, feature_extractor: FeatureExtractor | None = None) -> int:
     """`ddpm-fast fid ...`: prints "FID: <value>" and returns 0, or prints one line
-    "ddpm-fast fid: error: ..." and returns 1. `feature_extractor` replaces Inception (tests)."""
-    args = build_parser().parse_args(argv)
+    "ddpm-fast fid: error: ..." and returns 1 (argparse's usage errors: 2, --help: 0).
+    `feature_extractor` replaces Inception (tests)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:          # --help (0) or a bad flag (2, one line already printed)
+        return int(e.code or 0)
     try:
         try:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -193,6 +193,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         capsys, tmp_path / "mixed", "--ref", ok, extractor=StandIn())
 
 
+def test_usage_errors_return_2(tmp_path, capsys):
+    code, out, err = _run(capsys, tmp_path / "s.npz")
+    assert code == 2 and "the following arguments are required: --ref" in err
+
+
 def test_statistics_that_do_not_compare(tmp_path, capsys):
     F.save_statistics(tmp_path / "d6.npz", F.Statistics(np.zeros(6), np.eye(6), "x"))
     F.save_statistics(tmp_path / "d4.npz", F.Statistics(np.zeros(4), np.eye(4), "x"))
