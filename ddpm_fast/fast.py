@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ops.backend import native_available, triton_available
+from .ops.backend import UNET_SETTINGS, unet_setting
 from .ops.ddpm_step import ddpm_step_out
 from .ops.philox import key_tensor, philox_normal
 from .sampling import WATCH_EVERY, check_finite
@@ -171,31 +171,27 @@ class FastRunner:
         self.unet = copy.deepcopy(unet).to(device=device, dtype=self.dtype,
                                            memory_format=self.memory_format).eval()
         self.unet.fuse_qkv()      # one GEMM per attention block for q, k and v
-        # Inductor fuses the GroupNorm/SiLU/bias chains the eager U-Net runs as separate kernels
-        # (1.8-2.9x per step on an H100); default on for CUDA when triton is importable.
-        # kernels="conv" runs every convolution as our fused conv2d op: nothing left for
-        # Inductor to fuse around it, so no compile by default.
+        # The U-Net setting: `kernels` (a key of backend.UNET_SETTINGS), else the kernel
+        # table's choice for this device with the measurements behind it (ops/backend.py). An
+        # explicit compile=True leaves the torch ops to Inductor; compile=False instead of the
+        # table's Inductor runs our fused kernels eagerly.
+        if kernels is not None and kernels not in UNET_SETTINGS:
+            raise ValueError(f"kernels must be one of {tuple(UNET_SETTINGS)}, got {kernels!r}")
+        setting = kernels or unet_setting(device)
         if compile is None:
-            compile = on_gpu and triton_available(device) and kernels != "conv"
-        if (device.type == "cpu" and not compile and kernels != "conv"
-                and mkldnn_packing_available()):
+            compile = UNET_SETTINGS[setting][2]
+        if kernels is None:
+            setting = "inductor" if compile else ("fused" if setting == "inductor" else setting)
+        unet_kernels, attention_kernels, _ = UNET_SETTINGS[setting]
+        self.setting = setting
+        if device.type == "cpu" and not compile and setting != "conv" and \
+                mkldnn_packing_available():
             # oneDNN reorders a convolution's weight at every call unless it is prepacked:
             # measured 1.14x per CIFAR-10 step at batch 1 (bf16, 2-core CPU), 1.03x at batch 8
             pack_convolutions(self.unet)
-        # Our fused GroupNorm(+add, +SiLU) kernels serve the eager U-Net; under torch.compile
-        # the reference ops are left to Inductor, which fuses them into its own kernels. On the
-        # CPU the C++ GroupNorm measured 1.06-1.07x per step at batch 8 (1.01x at batch 1), but
-        # the attention blocks stay torch's: their fused form measured 1.07x slower at batch 1.
-        if kernels is not None:
-            self.unet.set_kernels(kernels)
-            if kernels == "conv":
-                gemm_layout(self.unet)
-        elif on_gpu:
-            self.unet.set_kernels("reference" if compile else "fused")
-        elif native_available(device) and not compile:
-            self.unet.set_kernels("fused", attention="reference")
-        else:
-            self.unet.set_kernels("reference")
+        self.unet.set_kernels(unet_kernels, attention=attention_kernels)
+        if setting == "conv":
+            gemm_layout(self.unet)
         for norm in self.unet.fused_norms():      # the op's fp32 affine: cast once, not per call
             norm.float()
         self.model = torch.compile(self.unet, fullgraph=True) if compile else self.unet

@@ -33,7 +33,7 @@ def _check(q, k, v):
 @torch.library.custom_op("ddpm_fast::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     _check(q, k, v)
-    which = backend.choose(q.device, cuda_prefers="torch", cpu_prefers="torch")
+    which = backend.select("attention", q.device)
     if which == "triton":
         from ..kernels.triton.attention import attention as kernel
 

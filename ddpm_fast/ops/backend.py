@@ -1,13 +1,17 @@
-"""Which implementation an op runs: "native" (C++ on CPU, CUDA on GPU), "triton", or "torch".
+"""The one kernel-choice table: which implementation each op runs on each device, and why.
 
-The default ("auto") takes the native kernel when it was built for the tensor's device, else the
-torch reference. DDPM_FAST_BACKEND=torch|native|triton|auto overrides it for a whole process (tests
-and benchmarks use it to force each path); `use_backend(...)` does the same inside a block.
+Implementations: "native" (C++ on CPU, CUDA on GPU), "triton", "torch" (the reference). Every op
+and the fast runner read their choice here (`select`, `unet_setting`); nothing else decides.
+DDPM_FAST_BACKEND=torch|native|triton|auto overrides the table for a whole process (tests and
+benchmarks force each path with it) and `use_backend(...)` inside a block. An op without the
+requested implementation runs its torch reference for "native" (torch's kernels are the native
+ones there: attention's SDPA, conv2d's cuDNN) and refuses "triton" by name.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -15,6 +19,66 @@ from .. import _native
 
 BACKENDS = ("auto", "torch", "native", "triton")
 _override: list[str] = []
+
+
+class Choice(NamedTuple):
+    impl: str
+    evidence: str        # the measurement that chose it (results JSON under benchmarks/)
+
+
+H100_KERNELS = "benchmarks/results/kernels_NVIDIA_H100_80GB_HBM3_2026-11-25.json"
+H100_THROUGHPUT = "benchmarks/results/sample_throughput_NVIDIA_H100_80GB_HBM3_2026-11-25_run2.json"
+CPU_KERNELS = "benchmarks/results/kernels_cpu_2core.json"
+CPU_THROUGHPUT = "benchmarks/results/sample_throughput_cpu_2core.json"
+
+# op → implementations it has
+IMPLEMENTATIONS = {
+    "group_norm": ("torch", "native", "triton"),
+    "attention": ("torch", "triton"),
+    "ddpm_step": ("torch", "native", "triton"),
+    "philox_normal": ("torch", "native", "triton"),
+    "conv2d": ("torch", "triton"),
+}
+
+# (op, device type) → the implementation "auto" runs
+TABLE = {
+    ("group_norm", "cuda"): Choice("triton", f"H100 bf16: 1.6-5.2x torch on the CIFAR shapes but "
+                                             f"4x4 maps (0.4-0.8x); our CUDA kernel 0.5-1.6x, "
+                                             f"never ahead of Triton by more than noise "
+                                             f"({H100_KERNELS})"),
+    ("group_norm", "cpu"): Choice("native", f"2-core Zen 4, bf16 channels_last: 0.8-4.2x torch; a "
+                                            f"step 1.06x faster at batch 8 ({CPU_KERNELS})"),
+    ("attention", "cuda"): Choice("torch", "SDPA; the Triton kernel has not been timed against "
+                                           "it on a GPU"),
+    ("attention", "cpu"): Choice("torch", "SDPA; the interpreter is for tests only"),
+    ("ddpm_step", "cuda"): Choice("native", f"H100, step + Philox: CUDA 3.6x torch at batch 1 "
+                                            f"(Triton 2.2x), both 2.6-3.6x at 64 and 256 "
+                                            f"({H100_KERNELS})"),
+    ("ddpm_step", "cpu"): Choice("native", "OpenMP C++; torch's ops make ~10 passes"),
+    ("philox_normal", "cuda"): Choice("native", "the same generator as ddpm_step's"),
+    ("philox_normal", "cpu"): Choice("native", "OpenMP C++ against torch int64 emulation"),
+    ("conv2d", "cuda"): Choice("triton", "our only GPU implementation of the fused op; per-shape "
+                                         "timing against cuDNN: benchmarks/conv2d_layers.py"),
+    ("conv2d", "cpu"): Choice("torch", "oneDNN convolutions; the interpreter is for tests only"),
+}
+
+# device type → the fast runner's U-Net setting (see UNET_SETTINGS)
+UNET_TABLE = {
+    "cuda": Choice("inductor", f"H100: 2.05x / 1.40x / 1.44x stock torch.compile at batch "
+                               f"1 / 64 / 256, eager fused kernels 1.7-2.5x slower "
+                               f"({H100_THROUGHPUT}); 'conv' not yet measured"),
+    "cpu": Choice("fused-norms", f"2-core Zen 4: C++ GroupNorm in the ResBlocks 1.06x per step "
+                                 f"at batch 8, fused attention 1.07x slower at batch 1 "
+                                 f"({CPU_THROUGHPUT})"),
+}
+# setting → (U-Net kernels, attention kernels, torch.compile)
+UNET_SETTINGS = {
+    "inductor": ("reference", "reference", True),    # Inductor fuses the torch ops
+    "fused": ("fused", "fused", False),              # our GroupNorm and attention ops, eager
+    "fused-norms": ("fused", "reference", False),    # our GroupNorm in the ResBlocks only
+    "conv": ("conv", "fused", False),                # every convolution our fused conv2d
+    "reference": ("reference", "reference", False),  # torch ops, eager
+}
 
 
 def requested() -> str:
@@ -53,23 +117,55 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-def choose(device: torch.device, triton_impl: bool = True, cuda_prefers: str = "native",
-           cpu_prefers: str = "native") -> str:
-    """The backend for an op on `device`; an explicit request that cannot run is an error.
-    `cuda_prefers` / `cpu_prefers` name the op's faster implementation as measured
-    (benchmarks/kernels.py)."""
+def _runs(impl: str, device: torch.device) -> bool:
+    return (impl == "torch" or (impl == "native" and native_available(device))
+            or (impl == "triton" and triton_available(device)))
+
+
+def select(op: str, device: torch.device) -> str:
+    """The implementation `op` runs on `device`: the table's (falling back to the torch
+    reference when that one is not built or importable here), or the requested backend. An
+    explicit request that cannot run is an error."""
+    impls = IMPLEMENTATIONS[op]
     name = requested()
     if name == "auto":
-        if device.type == "cpu" and cpu_prefers == "torch":
-            return "torch"
-        if device.type == "cuda" and cuda_prefers == "triton" and triton_impl and \
-                triton_available(device):
-            return "triton"
-        return "native" if native_available(device) else "torch"
-    if name == "native" and not native_available(device):
-        raise RuntimeError(f"backend 'native' requested but ddpm_fast._C has no {device.type} "
-                           f"kernels ({_native.build_info()})")
-    if name == "triton" and not (triton_impl and triton_available(device)):
-        raise RuntimeError(f"backend 'triton' requested but unavailable on {device.type} "
-                           "(needs triton, and TRITON_INTERPRET=1 on CPU)")
+        choice = TABLE.get((op, device.type))
+        return choice.impl if choice is not None and _runs(choice.impl, device) else "torch"
+    if name == "native" and "native" not in impls:
+        return "torch"
+    if name == "triton" and "triton" not in impls:
+        raise RuntimeError(f"backend 'triton' requested but {op} has no Triton kernel")
+    if not _runs(name, device):
+        raise RuntimeError(f"backend {name!r} requested for {op} but unavailable on "
+                           f"{device.type} ({_native.build_info()}; Triton needs "
+                           "TRITON_INTERPRET=1 on CPU)")
     return name
+
+
+def choose(device: torch.device) -> str:
+    """Legacy entry point (ops that predate the table): the sampler step's choice."""
+    return select("ddpm_step", device)
+
+
+def unet_setting(device: torch.device) -> str:
+    """The fast runner's default U-Net setting on `device` (a key of UNET_SETTINGS), with the
+    fallbacks when the table's choice cannot run here: no Triton → our eager fused kernels,
+    no native module → torch's ops."""
+    setting = UNET_TABLE.get(device.type, Choice("reference", "no measurement")).impl
+    if setting == "inductor" and not triton_available(device):
+        setting = "fused"
+    if setting == "conv" and not triton_available(device):
+        setting = "fused"
+    if setting.startswith("fused") and not native_available(device) and \
+            not triton_available(device):
+        setting = "reference"
+    return setting
+
+
+def table_report() -> list[dict]:
+    """Every entry with its evidence, for `ddpm-fast info` and the docs."""
+    rows = [{"op": op, "device": dev, "impl": c.impl, "evidence": c.evidence}
+            for (op, dev), c in TABLE.items()]
+    rows += [{"op": "unet", "device": dev, "impl": c.impl, "evidence": c.evidence}
+             for dev, c in UNET_TABLE.items()]
+    return rows

@@ -236,7 +236,7 @@ def _impl(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups, 
         if skip is not None:
             stats.append(channel_stats(skip) if stats_skip is None else stats_skip)
     shortcut = None if sc_w is None else (sc_x, sc_skip, sc_w, sc_b)
-    which = backend.choose(x.device, cuda_prefers="triton", cpu_prefers="torch")
+    which = backend.select("conv2d", x.device)
     if which == "triton":
         from ..kernels.triton import conv2d as triton_conv
 

@@ -79,11 +79,7 @@ KERNELS = {"native": _run_native, "triton": _run_triton}
 
 def _group_norm_impl(x, weight, bias, groups, eps, silu, add):
     _check(x, weight, bias, groups, add)
-    # Measured defaults (benchmarks/results/kernels_*.json): on an H100 the Triton kernel ran
-    # 1.6-5x torch where our CUDA one ran 0.9-1.5x; on the 2-core CPU the C++ kernel runs
-    # 0.8-4.2x torch's ops on bf16 channels_last maps, and a whole fast-mode step 1.06x faster
-    # with it at batch 8 (1.01x at batch 1).
-    which = backend.choose(x.device, cuda_prefers="triton", cpu_prefers="native")
+    which = backend.select("group_norm", x.device)      # the kernel table, with its evidence
     if which == "torch":
         return group_norm_reference(x, weight, bias, groups, eps, silu, add)
     fmt = _memory_format(x)

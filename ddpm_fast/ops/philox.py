@@ -91,7 +91,7 @@ def _philox_normal_op(key: torch.Tensor, step: torch.Tensor, num_images: int, pe
     _check(key, step)
     device = key.device
     out = torch.empty(num_images, per_image, dtype=torch.float32, device=device)
-    which = backend.choose(device)
+    which = backend.select("philox_normal", device)
     if which == "triton" and num_images and per_image:
         from ..kernels.triton import sampler
 

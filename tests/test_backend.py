@@ -1,0 +1,60 @@
+"""The one kernel-choice table (ddpm_fast/ops/backend.py): complete, justified, and obeyed."""
+import pytest
+import torch
+
+from conftest import TRITON
+from ddpm_fast.ops import backend
+from ddpm_fast.ops.backend import (IMPLEMENTATIONS, TABLE, UNET_SETTINGS, UNET_TABLE, Choice,
+                                   select, unet_setting, use_backend)
+
+
+def test_every_op_has_a_justified_choice_per_device():
+    for op, impls in IMPLEMENTATIONS.items():
+        for device in ("cpu", "cuda"):
+            choice = TABLE[(op, device)]
+            assert choice.impl in impls, (op, device)
+            assert len(choice.evidence) > 20, (op, device)
+    for device, choice in UNET_TABLE.items():
+        assert choice.impl in UNET_SETTINGS and choice.evidence
+    assert {r["op"] for r in backend.table_report()} == set(IMPLEMENTATIONS) | {"unet"}
+
+
+def test_override_and_fallbacks():
+    cpu = torch.device("cpu")
+    with use_backend("torch"):
+        assert all(select(op, cpu) == "torch" for op in IMPLEMENTATIONS)
+    with use_backend("native"):       # ops without native code run torch's (SDPA, oneDNN)
+        assert select("attention", cpu) == "torch" and select("conv2d", cpu) == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with use_backend("cuda"):
+            pass
+    assert unet_setting(cpu) in UNET_SETTINGS
+
+
+@pytest.mark.skipif(not TRITON, reason="triton is a Linux-only test extra")
+def test_ops_read_the_table(monkeypatch):
+    """Changing the table entry changes what conv2d runs: the Triton kernel writes one
+    statistics partial per output tile, the torch reference one per image."""
+    from ddpm_fast.ops.conv2d import conv2d
+
+    x = torch.randn(1, 16, 16, 16)
+    w = torch.randn(16, 16, 3, 3)
+    _, stats = conv2d(x, w, return_stats=True)
+    assert stats.shape[1] == 1                                   # the table: torch on CPU
+    monkeypatch.setitem(TABLE, ("conv2d", "cpu"), Choice("triton", "test"))
+    _, stats = conv2d(x, w, return_stats=True)
+    assert stats.shape[1] > 1                                    # now the Triton kernel
+
+
+def test_fast_runner_reads_the_unet_setting(monkeypatch):
+    from ddpm_fast.fast import FastRunner
+    from ddpm_fast.unet import UNet2DModel
+
+    unet = UNet2DModel("tiny").eval()
+    monkeypatch.setitem(UNET_TABLE, "cpu", Choice("conv", "test"))
+    runner = FastRunner(unet, "cpu", dtype=torch.float32)
+    assert runner.setting == "conv" and runner.unet.kernels == "conv"
+    assert FastRunner(unet, "cpu", dtype=torch.float32, kernels="reference").unet.kernels == \
+        "reference"
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        FastRunner(unet, "cpu", kernels="cudnn")
