@@ -1,6 +1,8 @@
 """The native module ddpm_fast._C and the glue that turns tensors into its integer arguments."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -34,3 +36,12 @@ def addr(t: torch.Tensor | None) -> int:
 
 def stream_of(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def on_device(t: torch.Tensor):
+    """Launches inside run on t's GPU: Triton and the CUDA runtime launch on the *current*
+    device, which outside torchrun need not be the tensor's (`--device cuda:1`). The CUDA
+    runtime of our module picks up the context torch makes current. No-op on the CPU."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

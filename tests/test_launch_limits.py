@@ -100,3 +100,31 @@ def test_ops_refuse_tensors_on_another_device():
         attention(q, q.to("meta"), q, 0.3)
     with pytest.raises(RuntimeError, match="step is on meta"):
         _philox_normal_op(key_tensor(1), torch.zeros(1, dtype=torch.int64, device="meta"), 2, 8)
+
+
+def test_launches_run_under_the_tensors_device(monkeypatch):
+    """Kernels launch on the current device: the ops make it the tensor's (`--device cuda:1`
+    outside torchrun). Checked here with a stand-in tensor and a recording device switch."""
+    from types import SimpleNamespace
+
+    from ddpm_fast import _native
+
+    entered = []
+
+    class Switch:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Switch)
+    with _native.on_device(SimpleNamespace(device=torch.device("cuda", 1))):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with _native.on_device(torch.zeros(1)):          # CPU: nothing to switch
+        pass
+    assert len(entered) == 1

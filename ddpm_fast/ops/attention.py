@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _native
 from . import backend
 
 
@@ -38,7 +39,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         from ..kernels.triton.attention import attention as kernel
 
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        kernel(out, q, k, v, scale)
+        with _native.on_device(q):
+            kernel(out, q, k, v, scale)
         return out
     # torch, or "native" (there is no C++/CUDA attention: torch's SDPA is that backend)
     return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None],

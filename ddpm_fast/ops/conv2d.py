@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import _native
 from . import backend
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -241,15 +242,17 @@ def _impl(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups, 
         from ..kernels.triton import conv2d as triton_conv
 
         if norm is not None:
-            scale, shift = triton_conv.norm_affine(stats, *norm)
+            with _native.on_device(x):
+                scale, shift = triton_conv.norm_affine(stats, *norm)
         else:
             scale = shift = None
         y = torch.empty(x.shape[0], weight.shape[0], ho, wo, dtype=x.dtype, device=x.device,
                         memory_format=_memory_format(x))
-        y_stats = triton_conv.conv2d(y, x, weight, bias, stride=stride, pad=pad,
-                                     upsample=upsample, skip=skip, scale=scale, shift=shift,
-                                     silu=silu, temb=temb, residual=residual,
-                                     shortcut=shortcut, return_stats=return_stats)
+        with _native.on_device(x):
+            y_stats = triton_conv.conv2d(y, x, weight, bias, stride=stride, pad=pad,
+                                         upsample=upsample, skip=skip, scale=scale,
+                                         shift=shift, silu=silu, temb=temb, residual=residual,
+                                         shortcut=shortcut, return_stats=return_stats)
     else:   # torch, or "native" (no C++/CUDA convolution of ours: torch's is that backend)
         y, y_stats = conv2d_reference(x, weight, bias, stride=stride, pad=pad,
                                       upsample=upsample, skip=skip, norm=norm, norm_stats=stats,

@@ -88,7 +88,8 @@ def _group_norm_impl(x, weight, bias, groups, eps, silu, add):
     out = torch.empty_like(x, memory_format=fmt)
     w, b = weight.float().contiguous(), bias.float().contiguous()
     add = None if add is None else add.float().contiguous()
-    KERNELS[which](out, x, w, b, groups, eps, silu, add, fmt == torch.channels_last)
+    with _native.on_device(x):
+        KERNELS[which](out, x, w, b, groups, eps, silu, add, fmt == torch.channels_last)
     return out
 
 

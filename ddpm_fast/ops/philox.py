@@ -95,12 +95,14 @@ def _philox_normal_op(key: torch.Tensor, step: torch.Tensor, num_images: int, pe
     if which == "triton" and num_images and per_image:
         from ..kernels.triton import sampler
 
-        sampler.philox_normal(out, key, step)
+        with _native.on_device(out):
+            sampler.philox_normal(out, key, step)
         return out
     if which == "native" and num_images and per_image:
         if device.type == "cuda":
-            _native._C.philox_normal_cuda(out.data_ptr(), key.data_ptr(), step.data_ptr(),
-                                          num_images, per_image, _native.stream_of(out))
+            with _native.on_device(out):
+                _native._C.philox_normal_cuda(out.data_ptr(), key.data_ptr(), step.data_ptr(),
+                                              num_images, per_image, _native.stream_of(out))
         else:
             _native._C.philox_normal_cpu(out.data_ptr(), key.data_ptr(), step.data_ptr(),
                                          num_images, per_image)
