@@ -98,6 +98,7 @@ py::dict build_info() {
   d["openmp"] = false;
 #endif
   d["compiler"] = std::string(__VERSION__);
+  d["coef_cols"] = static_cast<int>(kCoefCols);   // step-table width the kernels read
   return d;
 }
 

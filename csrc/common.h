@@ -16,12 +16,15 @@ namespace ddpm_fast {
 // dtype codes shared with ddpm_fast/_native.py
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Columns of the per-step coefficient table (float32 [num_steps, kCoefCols]), see schedule.py:
-//   x0     = (x - A * eps) / B, optionally clipped to [-1, 1]
+// Columns of the per-step coefficient table (float32 [num_steps, kCoefCols]), see schedule.py;
+// eps is the model output (noise, v or x0 prediction: D, A, B say which):
+//   x0     = (D * x - A * eps) / B, optionally clipped to [-R, R]
 //   x_prev = C0 * x0 + C1 * x + C2 * eps + SIGMA * z
 // T holds the diffusion timestep (an integer stored exactly in float32); it is the Philox
 // counter's step word, so noise depends on the timestep, not on the position in the loop.
-enum CoefCol : int { kA = 0, kB = 1, kC0 = 2, kC1 = 3, kC2 = 4, kSigma = 5, kT = 6, kCoefCols = 8 };
+enum CoefCol : int {
+  kA = 0, kB = 1, kC0 = 2, kC1 = 3, kC2 = 4, kSigma = 5, kT = 6, kD = 7, kR = 8, kCoefCols = 12
+};
 
 struct Philox4 {
   uint32_t v[4];
@@ -84,8 +87,8 @@ inline void philox_normals(uint64_t seed, uint32_t image, uint32_t step, int64_t
 
 // One sampler update for one element; coef points at the step's table row.
 DDPM_HD float sampler_update(float x, float eps, float z, const float* coef, bool clip) {
-  float x0 = (x - coef[kA] * eps) / coef[kB];
-  if (clip) x0 = fminf(fmaxf(x0, -1.0f), 1.0f);
+  float x0 = (coef[kD] * x - coef[kA] * eps) / coef[kB];
+  if (clip) x0 = fminf(fmaxf(x0, -coef[kR]), coef[kR]);
   const float mean = coef[kC0] * x0 + coef[kC1] * x + coef[kC2] * eps;
   return mean + coef[kSigma] * z;
 }

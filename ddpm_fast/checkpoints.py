@@ -194,19 +194,28 @@ def load_unet(path: str | os.PathLike, device="cpu", dtype=torch.float32,
 
 
 def load_scheduler_config(path: str | os.PathLike) -> dict:
-    """scheduler/scheduler_config.json of a pipeline folder, or the DDPM defaults if absent."""
+    """scheduler/scheduler_config.json of a pipeline folder, or the DDPM defaults if absent.
+    Every setting in it is honoured or refused here (schedule.check_scheduler_config), and so is
+    a scheduler class that model_index.json names (diffusers builds that class)."""
+    from .schedule import check_scheduler_config
+
     p = Path(path)
     if p.is_file():                  # an original DDPM checkpoint
         return dict(ORIGINAL_SCHEDULER)
+    index = p / "model_index.json"
+    if index.is_file():
+        entry = _read_json(index).get("scheduler")
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None \
+                and entry[1] != "DDPMScheduler":
+            raise CheckpointError(f"{index}: scheduler class {entry[1]!r} is not supported: "
+                                  "ddpm_fast samples with DDPMScheduler only")
     for candidate in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json"):
         if candidate.is_file():
             config = _read_json(candidate)
-            kind = config.get("prediction_type", "epsilon")
-            if kind != "epsilon":
-                raise CheckpointError(f"{candidate}: prediction_type {kind!r} is not supported "
-                                      "(only 'epsilon')")
-            if config.get("thresholding"):
-                raise CheckpointError(f"{candidate}: dynamic thresholding is not supported")
+            try:
+                check_scheduler_config(config)
+            except ValueError as e:
+                raise CheckpointError(f"{candidate}: {e}") from None
             return config
     return dict(DEFAULT_SCHEDULER)
 

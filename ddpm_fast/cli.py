@@ -135,6 +135,8 @@ def load_pipeline(args, device):
                                             autotune_convs=autotune)
     except CheckpointError as e:
         raise UsageError(str(e))
+    except ValueError as e:          # a scheduler setting the chosen mode does not honour
+        raise UsageError(f"{path}: {e}")
 
 
 def progress_bar(total: int, images: int, desc: str):
@@ -383,6 +385,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def scheduler_settings(path) -> dict:
+    """Every DDPMScheduler setting a model folder's scheduler config gives (defaults filled in),
+    or {"error": why it is refused}."""
+    from .checkpoints import CheckpointError, load_scheduler_config
+    from .schedule import check_scheduler_config
+
+    try:
+        return check_scheduler_config(load_scheduler_config(path))
+    except CheckpointError as e:
+        return {"error": str(e)}
+
+
+def non_default_settings(config: dict) -> str:
+    from .schedule import DDPM_SCHEDULER_DEFAULTS, check_scheduler_config
+
+    cfg = check_scheduler_config(config)
+    diff = [f"{k}={v!r}" for k, v in cfg.items() if v != DDPM_SCHEDULER_DEFAULTS[k]
+            and k != "trained_betas"]
+    if cfg["trained_betas"] is not None:
+        diff.append(f"trained_betas=[{len(cfg['trained_betas'])} values]")
+    return ", ".join(diff) or "all DDPMScheduler defaults"
+
+
 def cmd_convert(args) -> int:
     from .checkpoints import (CheckpointError, atomic_dir, load_scheduler_config, load_unet,
                               save_pretrained)
@@ -401,7 +426,7 @@ def cmd_convert(args) -> int:
     c = unet.config
     print(f"wrote {out}: UNet2DModel {c.in_channels}×{c.sample_size}², channels "
           f"{list(c.block_out_channels)}, {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M "
-          f"parameters ({args.dtype}), scheduler {scheduler.get('variance_type')}")
+          f"parameters ({args.dtype}), scheduler: {non_default_settings(scheduler)}")
     return 0
 
 
@@ -465,6 +490,9 @@ def cmd_info(args) -> int:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    model = Path(args.model) if getattr(args, "model", None) else default_model_path()
+    info["model"] = str(model)
+    info["scheduler"] = scheduler_settings(model)
     print(json.dumps(info, indent=1))
     return 0
 
@@ -596,7 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_convert)
 
-    add("info", "versions, devices and which kernels are built").set_defaults(func=cmd_info)
+    i = add("info", "versions, devices, which kernels are built and a model's scheduler settings")
+    i.add_argument("--model", help="model folder whose scheduler settings to show "
+                   "(default: the shipped digits model)")
+    i.set_defaults(func=cmd_info)
     add("bench", "run benchmarks/sample_throughput.py (arguments pass through)")
     return p
 

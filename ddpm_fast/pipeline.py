@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoints, memory
 from .sampling import ddim_sample, ddpm_sample
-from .schedule import VARIANCE_TYPES, Schedule
+from .schedule import Schedule, check_scheduler_config
 from .unet import UNet2DModel
 
 MODES = ("reference", "fast")
@@ -76,7 +76,8 @@ class DDPMPipeline:
     def __init__(self, unet: UNet2DModel, scheduler_config: Optional[dict] = None, *,
                  mode: str = "reference", device=None, numerics: Optional[str] = None,
                  dtype: Optional[torch.dtype] = None, use_graphs: Optional[bool] = None,
-                 compile: Optional[bool] = None, autotune_convs: Optional[bool] = None):
+                 compile: Optional[bool] = None, autotune_convs: Optional[bool] = None,
+                 kernels: Optional[str] = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -84,14 +85,17 @@ class DDPMPipeline:
         self.unet = unet.to(self.device).eval()
         self.scheduler_config = dict(scheduler_config or checkpoints.DEFAULT_SCHEDULER)
         numerics = numerics or ("diffusers" if mode == "reference" else "float64")
-        self.schedule = Schedule.from_scheduler_config(self.scheduler_config, numerics)
-        self.variance = self.scheduler_config.get("variance_type", "fixed_small")
-        if self.variance not in VARIANCE_TYPES:
-            raise ValueError(f"scheduler variance_type {self.variance!r} is not supported "
-                             f"(supported: {', '.join(VARIANCE_TYPES)})")
-        self.clip = bool(self.scheduler_config.get("clip_sample", True))
+        # every DDPMScheduler setting is honoured or refused here, by name (never ignored)
+        settings = check_scheduler_config(self.scheduler_config)
+        self.schedule = Schedule.from_scheduler_config(settings, numerics)
+        self.variance = settings["variance_type"]
+        self.clip = settings["clip_sample"]
+        if mode == "fast" and self.schedule.threshold is not None:
+            raise ValueError("scheduler setting thresholding=True is not supported in fast mode "
+                             "(its per-image quantile is not in the fused step); use "
+                             "mode='reference', which honours it")
         self._fast_args = dict(dtype=dtype, use_graphs=use_graphs, compile=compile,
-                               autotune_convs=autotune_convs)
+                               autotune_convs=autotune_convs, kernels=kernels)
         self._runner = None
         self.last_peak_memory: Optional[int] = None   # bytes, after each call (ddpm_fast.memory)
 
@@ -104,7 +108,10 @@ class DDPMPipeline:
     @classmethod
     def from_diffusers(cls, pipe, **kwargs) -> "DDPMPipeline":
         """From a diffusers DDPMPipeline object (same weights, same scheduler settings)."""
-        return cls.from_diffusers_unet(pipe.unet, dict(pipe.scheduler.config), **kwargs)
+        # a scheduler object's config does not name its class: say it, so that only a
+        # DDPMScheduler is accepted
+        config = {**dict(pipe.scheduler.config), "_class_name": type(pipe.scheduler).__name__}
+        return cls.from_diffusers_unet(pipe.unet, config, **kwargs)
 
     @classmethod
     def from_diffusers_unet(cls, diffusers_unet, scheduler_config: dict, **kwargs):

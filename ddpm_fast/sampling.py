@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .ops.ddpm_step import ddpm_step, predict_x0
+from .ops.ddpm_step import ddpm_step, ddpm_step_thresholded, predict_x0, threshold_sample
 from .ops.philox import key_tensor, philox_normal
 from .schedule import SIGMA, Schedule
 
@@ -86,8 +86,10 @@ class NoiseSource:
 @torch.no_grad()
 def sample_loop(model: Model, table: torch.Tensor, timesteps: Sequence[int], noise: NoiseSource,
                 *, clip: bool = True, x_T: Optional[torch.Tensor] = None,
-                intermediates_every: int = 0, progress=None) -> SampleOutput:
-    """Run the steps of `table` (one row per timestep) from x_T down to x_0."""
+                intermediates_every: int = 0, progress=None,
+                threshold: Optional[tuple] = None) -> SampleOutput:
+    """Run the steps of `table` (one row per timestep) from x_T down to x_0. `threshold` =
+    (ratio, max value) applies dynamic thresholding to x̂0 instead of clipping (torch ops)."""
     device = noise.device
     table = table.to(device)
     host_table = table.cpu()
@@ -100,8 +102,13 @@ def sample_loop(model: Model, table: torch.Tensor, timesteps: Sequence[int], noi
         # diffusers draws the step's noise after the model call and only when it is used
         z = noise.step_noise() if host_table[i, SIGMA] != 0 else None
         if intermediates_every and (i % intermediates_every == 0 or i == len(timesteps) - 1):
-            out.intermediates.append((t, x.cpu(), predict_x0(x, eps, table[i], clip).cpu()))
-        x = ddpm_step(x, eps, table, steps[i:i + 1], noise.key, z, clip)
+            x0 = (predict_x0(x, eps, table[i], clip) if threshold is None
+                  else threshold_sample(predict_x0(x, eps, table[i], False), *threshold))
+            out.intermediates.append((t, x.cpu(), x0.cpu()))
+        if threshold is None:
+            x = ddpm_step(x, eps, table, steps[i:i + 1], noise.key, z, clip)
+        else:
+            x = ddpm_step_thresholded(x, eps, table, steps[i:i + 1], noise.key, z, threshold)
         if (i + 1) % WATCH_EVERY == 0 or i == len(timesteps) - 1:
             check_finite(x, i, t, noise.first_image)
         if progress is not None:
@@ -119,7 +126,8 @@ def ddpm_sample(model: Model, schedule: Schedule, shape, *, generator=None, seed
     table = schedule.step_table(timesteps, variance, device)
     noise = NoiseSource(shape, device, generator, seed, first_image, schedule.num_timesteps)
     return sample_loop(model, table, timesteps, noise, clip=clip, x_T=x_T,
-                       intermediates_every=intermediates_every, progress=progress)
+                       intermediates_every=intermediates_every, progress=progress,
+                       threshold=schedule.threshold)
 
 
 def ddim_sample(model: Model, schedule: Schedule, shape, *, num_inference_steps: int = 50,
@@ -132,7 +140,8 @@ def ddim_sample(model: Model, schedule: Schedule, shape, *, num_inference_steps:
     table = schedule.ddim_table(timesteps, eta, device)
     noise = NoiseSource(shape, device, generator, seed, first_image, schedule.num_timesteps)
     return sample_loop(model, table, timesteps, noise, clip=clip, x_T=x_T,
-                       intermediates_every=intermediates_every, progress=progress)
+                       intermediates_every=intermediates_every, progress=progress,
+                       threshold=schedule.threshold)
 
 
 def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
@@ -156,7 +165,8 @@ def denoise_from(model: Model, schedule: Schedule, x_t: torch.Tensor, t: int, *,
     table = schedule.step_table(timesteps, variance, x_t.device)
     noise = NoiseSource(x_t.shape, x_t.device, seed=seed, first_image=first_image,
                         num_train_timesteps=schedule.num_timesteps)
-    return sample_loop(model, table, timesteps, noise, clip=clip, x_T=x_t).images
+    return sample_loop(model, table, timesteps, noise, clip=clip, x_T=x_t,
+                       threshold=schedule.threshold).images
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:

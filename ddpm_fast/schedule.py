@@ -6,26 +6,117 @@ float32 cumprod, coefficients formed as DDPMScheduler.step forms them), so that 
 diffusers' images to the last bits; see DESIGN.md for why this matters after 1000 steps.
 
 The sampler reads one row of a per-step table (``step_table``), so a whole sampling run needs no host
-arithmetic. Row layout (float32, matching csrc/common.h):
+arithmetic. Row layout (float32, matching csrc/common.h), `out` the model output:
 
-    x0     = (x − A·ε) / B            (then optionally clipped to [−1, 1])
-    x_prev = C0·x0 + C1·x + C2·ε + SIGMA·z
+    x0     = (D·x − A·out) / B        (then optionally clipped to [−R, R])
+    x_prev = C0·x0 + C1·x + C2·out + SIGMA·z
     T      = the diffusion timestep t of this row (Philox step word)
+
+The prediction type picks (D, A, B): ε-prediction (1, √(1−ᾱ), √ᾱ), v-prediction (√ᾱ, √(1−ᾱ), 1),
+sample-prediction (0, −1, 1); each repeats DDPMScheduler.step's float32 expression exactly (D·x with
+D = 1 and a division by 1 are exact). R is the scheduler's clip_sample_range.
+
+Scheduler settings: ``check_scheduler_config`` takes a diffusers scheduler_config.json dict and
+returns every DDPMScheduler setting, or raises ValueError naming the first key or value that is
+not honoured: nothing is ignored silently.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-A, B, C0, C1, C2, SIGMA, T_COL = range(7)
-COEF_COLS = 8
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+A, B, C0, C1, C2, SIGMA, T_COL, D, R = range(9)
+COEF_COLS = 12            # 9 used; rows of 48 bytes
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "fixed_small_log")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 NUMERICS = ("float64", "diffusers")
 SPACINGS = ("leading", "trailing", "linspace")
+
+# Every argument of diffusers' DDPMScheduler (0.42) with its default.
+DDPM_SCHEDULER_DEFAULTS = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+    "beta_schedule": "linear", "trained_betas": None, "variance_type": "fixed_small",
+    "clip_sample": True, "prediction_type": "epsilon", "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995, "clip_sample_range": 1.0, "sample_max_value": 1.0,
+    "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False,
+}
+# Why a setting value is refused (diffusers' behaviour with it, or what it would need).
+_REFUSED_VALUES = {
+    ("variance_type", "fixed_large_log"):
+        "diffusers' DDPMScheduler takes the square root of log β_t (negative), so every image "
+        "it samples is NaN",
+    ("variance_type", "learned"):
+        "it needs a model that predicts its variance (twice the output channels)",
+    ("variance_type", "learned_range"):
+        "it needs a model that predicts its variance (twice the output channels)",
+}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_scheduler_config(config: dict) -> dict:
+    """Every DDPMScheduler setting of a diffusers scheduler config (defaults filled in), or a
+    ValueError naming the first key or value ddpm_fast does not honour exactly.
+
+    Passed like diffusers passes them: private keys ("_class_name", "_diffusers_version", …) and
+    keys listed in "_use_default_values" (diffusers then uses the default). Refused: any
+    scheduler class other than DDPMScheduler, keys that are not DDPMScheduler settings (diffusers
+    would ignore them with a warning), and values this package cannot reproduce."""
+    if not isinstance(config, dict):
+        raise ValueError(f"scheduler config must be a dict, got {type(config).__name__}")
+    cls = config.get("_class_name", "DDPMScheduler")
+    if cls != "DDPMScheduler":
+        raise ValueError(f"scheduler _class_name {cls!r} is not supported: ddpm_fast samples "
+                         "with DDPMScheduler only (its DDIM sampler is an extra with its own "
+                         "settings, not diffusers' DDIMScheduler)")
+    used_defaults = config.get("_use_default_values", [])
+    given = {k: v for k, v in config.items()
+             if not k.startswith("_") and k not in used_defaults}
+    unknown = sorted(k for k in given if k not in DDPM_SCHEDULER_DEFAULTS)
+    if unknown:
+        raise ValueError(f"scheduler setting {unknown[0]!r} is not a DDPMScheduler setting and "
+                         "is not honoured" + (f" (also: {', '.join(unknown[1:])})"
+                                              if len(unknown) > 1 else ""))
+    cfg = {**DDPM_SCHEDULER_DEFAULTS, **given}
+
+    def bad(key, why):
+        raise ValueError(f"scheduler setting {key}={cfg[key]!r} is not supported: {why}")
+
+    for key in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
+        if not isinstance(cfg[key], bool):
+            bad(key, "must be true or false")
+    for key in ("beta_start", "beta_end", "clip_sample_range", "dynamic_thresholding_ratio",
+                "sample_max_value"):
+        if not _is_number(cfg[key]):
+            bad(key, "must be a finite number")
+    for key in ("num_train_timesteps", "steps_offset"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int):
+            bad(key, "must be an integer")
+    if cfg["num_train_timesteps"] < 1:
+        bad("num_train_timesteps", "must be at least 1")
+    if cfg["trained_betas"] is not None and not isinstance(cfg["trained_betas"], (list, tuple)):
+        bad("trained_betas", "must be a list of numbers")
+    for key, allowed in (("beta_schedule", BETA_SCHEDULES), ("timestep_spacing", SPACINGS),
+                         ("prediction_type", PREDICTION_TYPES), ("variance_type", VARIANCE_TYPES)):
+        if (key, cfg[key]) in _REFUSED_VALUES:
+            bad(key, _REFUSED_VALUES[key, cfg[key]])
+        if cfg[key] not in allowed:
+            bad(key, f"supported: {', '.join(allowed)}")
+    if cfg["clip_sample"] and not cfg["thresholding"] and not cfg["clip_sample_range"] > 0:
+        bad("clip_sample_range", "must be positive")
+    if cfg["thresholding"]:
+        if not 0 <= cfg["dynamic_thresholding_ratio"] <= 1:
+            bad("dynamic_thresholding_ratio", "must lie in [0, 1]")
+        if not cfg["sample_max_value"] > 0:
+            bad("sample_max_value", "must be positive")
+    return cfg
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
@@ -39,8 +130,36 @@ def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 
     def abar(t: float) -> float:
         return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
 
-    return torch.tensor([min(1 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), max_beta)
-                         for i in range(num_timesteps)], dtype=torch.float64)
+    return _alpha_bar_betas(num_timesteps, abar, max_beta)
+
+
+def laplace_betas(num_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Tensor:
+    """diffusers' "laplace" schedule (betas_for_alpha_bar, alpha_transform_type="laplace")."""
+    def abar(t: float) -> float:
+        lmb = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+        snr = math.exp(lmb)
+        return math.sqrt(snr / (1 + snr))
+
+    return _alpha_bar_betas(num_timesteps, abar, max_beta)
+
+
+def _alpha_bar_betas(n: int, abar, max_beta: float) -> torch.Tensor:
+    # in Python floats (float64), as diffusers' betas_for_alpha_bar before its float32 cast
+    return torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), max_beta) for i in range(n)],
+                        dtype=torch.float64)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1 (ᾱ_T = 0), in the dtype of `betas` with diffusers' op order
+    (so float32 betas give DDPMScheduler's own). β_T becomes 1."""
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    a0 = alphas_bar_sqrt[0].clone()
+    aT = alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt -= aT
+    alphas_bar_sqrt *= a0 / (a0 - aT)
+    alphas_bar = alphas_bar_sqrt ** 2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
 
 
 @dataclass(frozen=True)
@@ -51,6 +170,9 @@ class Schedule:
     numerics: str = "float64"
     timestep_spacing: str = "leading"       # how a shorter run picks its timesteps (diffusers)
     steps_offset: int = 0
+    prediction_type: str = "epsilon"        # what the model predicts: ε, v or x0 ("sample")
+    clip_range: float = 1.0                 # x̂0 is clipped to [−clip_range, clip_range]
+    threshold: Optional[tuple] = None       # dynamic thresholding (ratio, max value) or None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -59,9 +181,17 @@ class Schedule:
         if self.timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {SPACINGS}, "
                              f"got {self.timestep_spacing!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, "
+                             f"got {self.prediction_type!r}")
+        if not (math.isfinite(self.clip_range) and self.clip_range > 0):
+            raise ValueError(f"clip_range must be a positive number, got {self.clip_range!r}")
         b = self.betas
-        if b.ndim != 1 or len(b) == 0 or not bool(((b > 0) & (b < 1)).all()):
-            raise ValueError("betas must be a non-empty 1-D tensor with 0 < β < 1")
+        # β_T = 1 (ᾱ_T = 0, zero terminal SNR) is allowed at the last step only
+        if b.ndim != 1 or len(b) == 0 or not bool(((b[:-1] > 0) & (b[:-1] < 1)).all()) or \
+                not 0 < float(b[-1]) <= 1:
+            raise ValueError("betas must be a non-empty 1-D tensor with 0 < β < 1 (β = 1 is "
+                             "allowed at the last step: zero terminal SNR)")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -79,20 +209,35 @@ class Schedule:
 
     @classmethod
     def from_scheduler_config(cls, config: dict, numerics: str = "diffusers") -> "Schedule":
-        """From a diffusers scheduler_config.json (DDPMScheduler / DDIMScheduler)."""
-        n = int(config.get("num_train_timesteps", 1000))
-        kind = config.get("beta_schedule", "linear")
-        kw = dict(timestep_spacing=config.get("timestep_spacing", "leading"),
-                  steps_offset=int(config.get("steps_offset", 0)))
-        if config.get("trained_betas") is not None:
-            betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
-            return cls(betas.float() if numerics == "diffusers" else betas, numerics, **kw)
-        if kind == "linear":
-            return cls.linear(n, config.get("beta_start", 1e-4), config.get("beta_end", 0.02),
-                              numerics, **kw)
-        if kind == "squaredcos_cap_v2":
-            return cls.cosine(n, numerics, **kw)
-        raise ValueError(f"unsupported beta_schedule {kind!r} (supported: linear, squaredcos_cap_v2)")
+        """From a diffusers DDPMScheduler scheduler_config.json; every setting is honoured or
+        refused (check_scheduler_config). "diffusers" numerics form the betas with
+        DDPMScheduler.__init__'s float32 ops."""
+        c = check_scheduler_config(config)
+        n, start, end = c["num_train_timesteps"], c["beta_start"], c["beta_end"]
+        f32 = numerics == "diffusers"
+        dtype = torch.float32 if f32 else torch.float64
+        kind = c["beta_schedule"]
+        if c["trained_betas"] is not None:
+            betas = torch.tensor(c["trained_betas"], dtype=dtype)
+        elif kind == "linear":
+            betas = torch.linspace(start, end, n, dtype=dtype)
+        elif kind == "scaled_linear":
+            betas = torch.linspace(start ** 0.5, end ** 0.5, n, dtype=dtype) ** 2
+        elif kind == "squaredcos_cap_v2":
+            betas = cosine_betas(n).to(dtype)
+        elif kind == "laplace":
+            betas = laplace_betas(n).to(dtype)
+        else:  # sigmoid (GeoDiff)
+            betas = torch.sigmoid(torch.linspace(-6, 6, n, dtype=dtype)) * (end - start) + start
+        if c["rescale_betas_zero_snr"]:
+            betas = rescale_zero_terminal_snr(betas)
+        threshold = ((float(c["dynamic_thresholding_ratio"]), float(c["sample_max_value"]))
+                     if c["thresholding"] else None)
+        return cls(betas, numerics, timestep_spacing=c["timestep_spacing"],
+                   steps_offset=c["steps_offset"], prediction_type=c["prediction_type"],
+                   # the range only matters with clip_sample (a call may turn clipping on)
+                   clip_range=float(c["clip_sample_range"]) if c["clip_sample_range"] > 0 else 1.0,
+                   threshold=threshold)
 
     # ------------------------------------------------------------------ float64 quantities
     @property
@@ -164,7 +309,9 @@ class Schedule:
         return rows.to(device)
 
     def ddim_table(self, timesteps: Sequence[int], eta: float = 0.0, device="cpu") -> torch.Tensor:
-        """DDIM (Song et al. 2021) coefficients in float64: x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·ε + σ z."""
+        """DDIM (Song et al. 2021) coefficients in float64: x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·ε̂ + σ z,
+        ε̂ the model's noise estimate (for v- and sample-prediction a combination of x and the
+        output, folded into C1 and C2; from the unclipped output, as diffusers' DDIMScheduler)."""
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         ts = self._check_timesteps(timesteps)
@@ -176,13 +323,33 @@ class Schedule:
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         sigma = eta * var.clamp(min=0).sqrt()
         rows = torch.zeros(len(ts), COEF_COLS, dtype=torch.float64)
-        rows[:, A] = (1 - a_t).sqrt()
-        rows[:, B] = a_t.sqrt()
+        self._x0_columns(rows, a_t.sqrt(), (1 - a_t).sqrt())
+        c_eps = (1 - a_prev - sigma ** 2).clamp(min=0).sqrt()
+        # ε̂ = E·x + F·out
+        if self.prediction_type == "epsilon":
+            e, f = torch.zeros_like(a_t), torch.ones_like(a_t)
+        elif self.prediction_type == "v_prediction":
+            e, f = (1 - a_t).sqrt(), a_t.sqrt()
+        else:  # sample: ε̂ = (x − √ᾱ·x0) / √(1−ᾱ)
+            e, f = 1 / (1 - a_t).sqrt(), -a_t.sqrt() / (1 - a_t).sqrt()
         rows[:, C0] = a_prev.sqrt()
-        rows[:, C2] = (1 - a_prev - sigma ** 2).clamp(min=0).sqrt()
+        rows[:, C1] = c_eps * e
+        rows[:, C2] = c_eps * f
         rows[:, SIGMA] = sigma
         rows[:, T_COL] = torch.tensor(ts, dtype=torch.float64)
         return rows.float().to(device)
+
+    def _x0_columns(self, rows, sqrt_abar, sqrt_one_minus_abar) -> None:
+        """D, A, B (x̂0 = (D·x − A·out) / B) for the prediction type, and the clip range R."""
+        one = torch.ones_like(sqrt_abar)
+        if self.prediction_type == "epsilon":
+            d, a, b = one, sqrt_one_minus_abar, sqrt_abar
+        elif self.prediction_type == "v_prediction":
+            d, a, b = sqrt_abar, sqrt_one_minus_abar, one
+        else:  # sample: x̂0 is the output (0·x + 1·out) / 1
+            d, a, b = torch.zeros_like(one), -one, one
+        rows[:, D], rows[:, A], rows[:, B] = d, a, b
+        rows[:, R] = self.clip_range
 
     def _check_timesteps(self, timesteps) -> list[int]:
         ts = [int(t) for t in timesteps]
@@ -202,11 +369,13 @@ class Schedule:
         alpha = a_t / a_prev                  # α over the (possibly skipped) interval
         beta = 1 - alpha
         rows = torch.zeros(len(ts), COEF_COLS, dtype=torch.float64)
-        rows[:, A] = (1 - a_t).sqrt()
-        rows[:, B] = a_t.sqrt()
+        self._x0_columns(rows, a_t.sqrt(), (1 - a_t).sqrt())
         rows[:, C0] = a_prev.sqrt() * beta / (1 - a_t)
         rows[:, C1] = alpha.sqrt() * (1 - a_prev) / (1 - a_t)
-        var = (beta * (1 - a_prev) / (1 - a_t)).clamp(min=1e-20) if variance == "fixed_small" else beta
+        if variance == "fixed_large":
+            var = beta
+        else:  # fixed_small and fixed_small_log: the same σ in exact arithmetic
+            var = (beta * (1 - a_prev) / (1 - a_t)).clamp(min=1e-20)
         rows[:, SIGMA] = var.sqrt() * (torch.tensor(ts) > 0)   # no noise at the last step
         rows[:, T_COL] = torch.tensor(ts, dtype=torch.float64)
         return rows.float()
@@ -223,15 +392,17 @@ class Schedule:
         cur_alpha = a_t / a_prev
         cur_beta = 1 - cur_alpha
         rows = torch.zeros(len(ts), COEF_COLS, dtype=torch.float32)
-        rows[:, A] = beta_prod_t ** 0.5
-        rows[:, B] = a_t ** 0.5
+        self._x0_columns(rows, a_t ** 0.5, beta_prod_t ** 0.5)
         rows[:, C0] = (a_prev ** 0.5 * cur_beta) / beta_prod_t
         rows[:, C1] = cur_alpha ** 0.5 * beta_prod_prev / beta_prod_t
         var_beta = 1 - a_t / a_prev
+        small = torch.clamp((1 - a_prev) / (1 - a_t) * var_beta, min=1e-20)
         if variance == "fixed_small":
-            var = torch.clamp((1 - a_prev) / (1 - a_t) * var_beta, min=1e-20)
+            std = small ** 0.5
+        elif variance == "fixed_small_log":          # _get_variance returns the std itself
+            std = torch.exp(0.5 * torch.log(small))
         else:
-            var = var_beta
-        rows[:, SIGMA] = (var ** 0.5) * (torch.tensor(ts) > 0)
+            std = var_beta ** 0.5
+        rows[:, SIGMA] = std * (torch.tensor(ts) > 0)
         rows[:, T_COL] = torch.tensor(ts, dtype=torch.float32)
         return rows

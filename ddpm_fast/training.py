@@ -256,6 +256,9 @@ def bits_per_dim(unet, schedule: Schedule, x0: torch.Tensor, variance: str = "fi
     (Ho et al. 2020, eq. 5; the paper's NLL metric). x0: 8-bit images scaled to [-1, 1].
     num_terms: evaluate that many KL terms (the smallest t exactly, the rest evenly spaced and
     scaled: an estimate, for speed); None evaluates all T − 1 of them. Returns per-image tensors: total, prior, decoder, kl."""
+    if schedule.prediction_type != "epsilon":
+        raise ValueError(f"bits_per_dim needs an ε-predicting model; the scheduler's "
+                         f"prediction_type is {schedule.prediction_type!r}")
     device, f64 = x0.device, torch.float64
     n_t = schedule.num_timesteps
     x0 = x0.to(torch.float64)
@@ -278,7 +281,7 @@ def bits_per_dim(unet, schedule: Schedule, x0: torch.Tensor, variance: str = "fi
         eps = unet(xt.to(unet.dtype), tt).to(f64)
         x0_pred = (xt - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
         if clip:
-            x0_pred = x0_pred.clamp(-1, 1)
+            x0_pred = x0_pred.clamp(-schedule.clip_range, schedule.clip_range)
         mean = c1[t] * x0_pred + c2[t] * xt
         if t == 0:
             ll = _discretized_gaussian_log_likelihood(x0, mean, 0.5 * model_logvar[t])

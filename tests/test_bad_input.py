@@ -74,7 +74,7 @@ def test_unknown_scheduler_variance(model_dir, tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["variance_type"] = "learned_range"
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="variance_type 'learned_range' is not supported"):
+    with pytest.raises(ValueError, match="variance_type='learned_range' is not supported"):
         DDPMPipeline.from_pretrained(tmp_path / "m")
 
 

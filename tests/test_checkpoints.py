@@ -96,9 +96,9 @@ def test_bad_json(folder):
 def test_unsupported_prediction_type(folder):
     p = folder / "scheduler" / "scheduler_config.json"
     cfg = json.loads(p.read_text())
-    cfg["prediction_type"] = "v_prediction"
+    cfg["prediction_type"] = "x_prediction"      # epsilon, v_prediction and sample are honoured
     p.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="v_prediction"):
+    with pytest.raises(CheckpointError, match="x_prediction"):
         load_scheduler_config(folder)
 
 

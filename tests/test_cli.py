@@ -219,3 +219,25 @@ def test_no_autotune_reaches_the_fast_runner(tmp_path, capsys, model_dir):
     code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 2, "--steps", 2,
                        "--no-autotune", "--out", tmp_path / "a.png")
     assert code == 0, err
+
+
+def test_info_and_convert_show_scheduler_settings(tmp_path, capsys):
+    from ddpm_fast.checkpoints import DEFAULT_SCHEDULER, save_pretrained
+    from ddpm_fast.unet import UNet2DModel
+
+    save_pretrained(UNet2DModel("tiny"), tmp_path / "m",
+                    {**DEFAULT_SCHEDULER, "clip_sample_range": 0.5,
+                     "prediction_type": "v_prediction"})
+    code, out, err = run(capsys, "info", "--model", tmp_path / "m")
+    assert code == 0, err
+    sched = json.loads(out)["scheduler"]
+    assert sched["clip_sample_range"] == 0.5 and sched["rescale_betas_zero_snr"] is False
+    code, out, err = run(capsys, "convert", tmp_path / "m", "--out", tmp_path / "c")
+    assert code == 0, err
+    assert "clip_sample_range=0.5" in out and "prediction_type='v_prediction'" in out
+    save_pretrained(UNet2DModel("tiny"), tmp_path / "bad",
+                    {**DEFAULT_SCHEDULER, "variance_power": 2.0})
+    code, out, err = run(capsys, "info", "--model", tmp_path / "bad")
+    assert code == 0 and "variance_power" in json.loads(out)["scheduler"]["error"]
+    code, _, err = run(capsys, "convert", tmp_path / "bad", "--out", tmp_path / "c2")
+    assert code == 2 and "variance_power" in err

@@ -1,37 +1,61 @@
-"""The fused sampler step: x̂0 from ε, optional clip, the posterior mean, plus σ·z.
+"""The fused sampler step: x̂0 from the model output, optional clip, the posterior mean, plus σ·z.
 
-    x0     = (x − A·ε) / B               clipped to [−1, 1] when clip
+    x0     = (D·x − A·ε) / B             clipped to [−R, R] when clip
     x_prev = C0·x0 + C1·x + C2·ε + SIGMA·z
 
-with (A, B, C0, C1, C2, SIGMA, T) read from row `step` of a coefficient table (schedule.py), so
-the same op serves DDPM (C2 = 0) and DDIM (C1 = 0), and a CUDA graph replays it for any step.
+with (A, B, C0, C1, C2, SIGMA, T, D, R) read from row `step` of a coefficient table (schedule.py),
+so the same op serves DDPM (C2 = 0) and DDIM, ε-, v- and x0-predicting models (ε here is the model
+output, whatever it predicts), and a CUDA graph replays it for any step.
 z is the given noise tensor, or Philox normals keyed by `key` = (seed, first image index) at
 Philox step T when noise is None. x and the result are float32; ε may be fp32/bf16/fp16 in any
 memory layout (the U-Net's channels_last output is read in place).
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Optional
 
 import torch
 
 from .. import _native
-from ..schedule import A, B, C0, C1, C2, COEF_COLS, SIGMA, T_COL
+from ..schedule import A, B, C0, C1, C2, COEF_COLS, D, R, SIGMA, T_COL
 from . import backend
 from .philox import philox_normal_reference
 
 
 def predict_x0(x, eps, row, clip: bool) -> torch.Tensor:
-    """x̂0 = (x − A·ε) / B from one table row, clipped to [−1, 1] when clip."""
-    x0 = (x - row[A] * eps.float()) / row[B]
-    return x0.clamp(-1.0, 1.0) if clip else x0
+    """x̂0 = (D·x − A·ε) / B from one table row, clipped to [−R, R] when clip."""
+    x0 = (row[D] * x - row[A] * eps.float()) / row[B]
+    return torch.clamp(x0, -row[R], row[R]) if clip else x0
+
+
+def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022) exactly as DDPMScheduler._threshold_sample:
+    per image s = clamp(quantile(|x0|, ratio), 1, max_value); x0 clamped to [−s, s], over s."""
+    b = x0.shape[0]
+    flat = x0.reshape(b, -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1)
+    s = torch.clamp(s, min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape)
+
+
+def ddpm_step_thresholded(x, eps, coef, step, key, noise, threshold) -> torch.Tensor:
+    """The step with dynamic thresholding of x̂0 instead of clipping (torch only: the quantile
+    is a per-image reduction the fused kernels do not do). threshold = (ratio, max value)."""
+    row = coef.index_select(0, step.reshape(1).to(coef.device)).reshape(-1)
+    x0 = threshold_sample(predict_x0(x, eps, row, False), *threshold)
+    return _step_from_x0(x, x0, eps, row, key, noise)
 
 
 def ddpm_step_reference(x, eps, coef, step, key, noise, clip: bool) -> torch.Tensor:
     """Torch reference. Its arithmetic order matches diffusers' DDPMScheduler.step, so with
     "diffusers" tables and external noise it reproduces diffusers' samples bit for bit."""
     row = coef.index_select(0, step.reshape(1).to(coef.device)).reshape(-1)
-    x0 = predict_x0(x, eps, row, clip)
+    return _step_from_x0(x, predict_x0(x, eps, row, clip), eps, row, key, noise)
+
+
+def _step_from_x0(x, x0, eps, row, key, noise) -> torch.Tensor:
     mean = row[C0] * x0 + row[C1] * x
     if bool(row[C2] != 0):
         mean = mean + row[C2] * eps.float()
@@ -66,6 +90,27 @@ def _run_triton(out, x, eps, coef, step, key, noise, clip):
     sampler.ddpm_step(out, x.contiguous(), eps, coef.contiguous(), step, key, noise, clip)
 
 
+@functools.lru_cache(maxsize=None)
+def native_table_width() -> int:
+    """The table width the built ddpm_fast._C was compiled for (8 before the D/R columns)."""
+    return int(_native.build_info().get("coef_cols", 8)) if _native.available() else 0
+
+
+def _choose(device) -> str:
+    """backend.choose, except that a native module built for another table layout (a checkout
+    updated without rebuilding) is never run: an explicit request for it is an error, "auto"
+    takes the torch reference with a warning."""
+    which = backend.choose(device)
+    if which == "native" and native_table_width() != COEF_COLS:
+        msg = (f"ddpm_fast._C was built for {native_table_width()}-column step tables, this "
+               f"package writes {COEF_COLS}: rebuild it (pip install -e .)")
+        if backend.requested() == "native":
+            raise RuntimeError(msg)
+        warnings.warn(msg + "; using the torch sampler step")
+        return "torch"
+    return which
+
+
 def _run_native(out, x, eps, coef, step, key, noise, clip):
     x = x.contiguous()
     coef = coef.contiguous()
@@ -90,7 +135,7 @@ def ddpm_step_out(out: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, coef: t
     _check(x, eps, coef, step, key, noise)
     torch._check(out.is_contiguous() and out.shape == x.shape and out.dtype == torch.float32,
                  lambda: "out must be a contiguous float32 tensor shaped like x")
-    which = backend.choose(x.device)
+    which = _choose(x.device)
     if which == "torch":
         out.copy_(ddpm_step_reference(x, eps, coef, step, key, noise, clip))
     else:
@@ -107,7 +152,7 @@ def ddpm_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torc
               key: torch.Tensor, noise: Optional[torch.Tensor], clip: bool) -> torch.Tensor:
     """x_{t-1} as a new float32 NCHW-contiguous tensor (see the module doc)."""
     _check(x, eps, coef, step, key, noise)
-    which = backend.choose(x.device)
+    which = _choose(x.device)
     if which == "torch":
         return ddpm_step_reference(x, eps, coef, step, key, noise, clip).contiguous()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import schedule
+
 # Globals read inside @triton.jit must be tl.constexpr instances (annotations are not enough)
 _PHILOX_M0 = tl.constexpr(0xD2511F53)
 _PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -86,7 +88,7 @@ def _philox_normal_kernel(
 
 @triton.jit
 def _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e, chw, hw, w,
-            s_n, s_c, s_h, s_w, z, a, b, c0, c1, c2, sigma,
+            s_n, s_c, s_h, s_w, z, a, b, c0, c1, c2, sigma, d, r,
             HAS_NOISE: tl.constexpr, CLIP: tl.constexpr):
     mask = e < chw
     idx = n.to(tl.int64) * chw + e
@@ -97,9 +99,9 @@ def _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e, chw, hw, w,
     eps = tl.load(eps_ptr + eps_off, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
         z = tl.load(noise_ptr + idx, mask=mask, other=0.0)
-    x0 = (x - a * eps) / b
+    x0 = (d * x - a * eps) / b
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        x0 = tl.minimum(tl.maximum(x0, -r), r)
     mean = c0 * x0 + c1 * x + c2 * eps
     tl.store(out_ptr + idx, mean + sigma * z, mask=mask)
 
@@ -110,16 +112,17 @@ def _ddpm_step_kernel(
     eps_ptr,        # fp32/bf16/fp16 [N, C, H, W], strides s_n..s_w (elements)
     noise_ptr,      # float32 [N, C, H, W] contiguous (read when HAS_NOISE)
     out_ptr,        # float32 [N, C, H, W] contiguous; may alias x
-    coef_ptr,       # float32 [steps, 8]: A, B, C0, C1, C2, SIGMA, T, pad
+    coef_ptr,       # float32 [steps, COEF_COLS]: A, B, C0, C1, C2, SIGMA, T, D, R, pad
     step_ptr,       # int64 [1]: the row of coef to use
     key_ptr,        # int64 [2]: seed, index of image 0 (Philox when not HAS_NOISE)
     chw, hw, w,
     s_n, s_c, s_h, s_w,
     HAS_NOISE: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    COEF_COLS: tl.constexpr,
 ):
     n = tl.program_id(1)
     group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row = coef_ptr + tl.load(step_ptr) * 8
+    row = coef_ptr + tl.load(step_ptr) * COEF_COLS
     # scalars as fp32 (Inductor may hand scalar arguments over as fp64; these are loads anyway)
     a = tl.load(row + 0)
     b = tl.load(row + 1)
@@ -128,6 +131,8 @@ def _ddpm_step_kernel(
     c2 = tl.load(row + 4)
     sigma = tl.load(row + 5)
     step = tl.load(row + 6).to(tl.uint32)
+    d = tl.load(row + 7)
+    r = tl.load(row + 8)
     zero = tl.zeros([BLOCK], dtype=tl.float32)
     z0, z1, z2, z3 = zero, zero, zero, zero
     if not HAS_NOISE:
@@ -137,13 +142,13 @@ def _ddpm_step_kernel(
         z0, z1, z2, z3 = _normals4(seed_lo, seed_hi, image, step, group.to(tl.uint32))
     e = group.to(tl.int64) * 4
     _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e, chw, hw, w, s_n, s_c, s_h, s_w, z0,
-            a, b, c0, c1, c2, sigma, HAS_NOISE, CLIP)
+            a, b, c0, c1, c2, sigma, d, r, HAS_NOISE, CLIP)
     _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e + 1, chw, hw, w, s_n, s_c, s_h, s_w, z1,
-            a, b, c0, c1, c2, sigma, HAS_NOISE, CLIP)
+            a, b, c0, c1, c2, sigma, d, r, HAS_NOISE, CLIP)
     _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e + 2, chw, hw, w, s_n, s_c, s_h, s_w, z2,
-            a, b, c0, c1, c2, sigma, HAS_NOISE, CLIP)
+            a, b, c0, c1, c2, sigma, d, r, HAS_NOISE, CLIP)
     _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e + 3, chw, hw, w, s_n, s_c, s_h, s_w, z3,
-            a, b, c0, c1, c2, sigma, HAS_NOISE, CLIP)
+            a, b, c0, c1, c2, sigma, d, r, HAS_NOISE, CLIP)
 
 
 BLOCK = 256
@@ -162,4 +167,5 @@ def ddpm_step(out, x, eps, coef, step, key, noise, clip: bool) -> None:
     grid = (triton.cdiv(triton.cdiv(chw, 4), BLOCK), n)
     _ddpm_step_kernel[grid](x, eps, x if noise is None else noise, out, coef, step, key,
                             chw, h * w, w, *eps.stride(),
-                            HAS_NOISE=noise is not None, CLIP=clip, BLOCK=BLOCK)
+                            HAS_NOISE=noise is not None, CLIP=clip, BLOCK=BLOCK,
+                            COEF_COLS=schedule.COEF_COLS)
