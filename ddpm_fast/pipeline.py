@@ -153,6 +153,9 @@ class DDPMPipeline:
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
         variance = variance or self.variance
+        if clip is not None and self.schedule.threshold is not None:
+            raise ValueError("clip= has no effect: the scheduler's thresholding replaces x̂0 "
+                             "clipping (as in diffusers); leave clip unset")
         clip = self.clip if clip is None else clip
         timesteps = self.schedule.timesteps(num_inference_steps)   # validates the step count
         c = self.unet.config

@@ -147,6 +147,9 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
         raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got "
                          f"{cfg.precision!r}")
     schedule = schedule or Schedule.linear()
+    if schedule.prediction_type != "epsilon":
+        raise ValueError(f"training minimises L_simple, an ε-prediction loss; the schedule's "
+                         f"prediction_type is {schedule.prediction_type!r}")
     rank, world_size = distributed.world()
     torch.manual_seed(cfg.seed + rank)       # ranks draw different batches, times and noise
     model = unet.to(device).train()

@@ -196,9 +196,12 @@ def test_model_index_naming_another_scheduler_is_refused(tmp_path, tiny_unet):
         ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
 
 
-def test_thresholding_is_refused_in_fast_mode():
+def test_thresholding_is_refused_in_fast_mode_and_with_clip():
     with pytest.raises(ValueError, match="thresholding.*fast mode"):
         ddpm_fast.DDPMPipeline(UNet2DModel("tiny"), {"thresholding": True}, mode="fast")
+    pipe = ddpm_fast.DDPMPipeline(UNet2DModel("tiny"), {"thresholding": True})
+    with pytest.raises(ValueError, match="clip= has no effect.*thresholding"):
+        pipe(num_inference_steps=2, clip=False)
 
 
 def test_accelerate_refuses_a_ddim_scheduler(tiny_unet):
@@ -207,12 +210,16 @@ def test_accelerate_refuses_a_ddim_scheduler(tiny_unet):
         ddpm_fast.accelerate(pipe)
 
 
-def test_bits_per_dim_refuses_other_prediction_types():
-    from ddpm_fast.training import bits_per_dim
+def test_bits_per_dim_and_training_refuse_other_prediction_types():
+    # both are written for ε-prediction: a v-prediction schedule must not be used silently
+    from ddpm_fast.training import TrainConfig, bits_per_dim, train
 
     s = Schedule.from_scheduler_config({"prediction_type": "v_prediction"})
     with pytest.raises(ValueError, match="v_prediction"):
         bits_per_dim(UNet2DModel("tiny"), s, torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="v_prediction"):
+        train(UNet2DModel("tiny"), torch.zeros(2, 3, 16, 16), TrainConfig(steps=1), schedule=s,
+              log=lambda m: None)
 
 
 def test_stale_native_module_is_never_run(monkeypatch):
