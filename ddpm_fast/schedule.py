@@ -101,8 +101,14 @@ def check_scheduler_config(config: dict) -> dict:
             bad(key, "must be an integer")
     if cfg["num_train_timesteps"] < 1:
         bad("num_train_timesteps", "must be at least 1")
-    if cfg["trained_betas"] is not None and not isinstance(cfg["trained_betas"], (list, tuple)):
-        bad("trained_betas", "must be a list of numbers")
+    if cfg["trained_betas"] is not None:
+        if not isinstance(cfg["trained_betas"], (list, tuple)) or \
+                not all(_is_number(b) for b in cfg["trained_betas"]):
+            bad("trained_betas", "must be a list of numbers")
+        if len(cfg["trained_betas"]) != cfg["num_train_timesteps"]:
+            # diffusers takes the betas from the list and the timesteps from num_train_timesteps
+            raise ValueError(f"scheduler setting trained_betas has {len(cfg['trained_betas'])} "
+                             f"values but num_train_timesteps is {cfg['num_train_timesteps']}")
     for key, allowed in (("beta_schedule", BETA_SCHEDULES), ("timestep_spacing", SPACINGS),
                          ("prediction_type", PREDICTION_TYPES), ("variance_type", VARIANCE_TYPES)):
         if (key, cfg[key]) in _REFUSED_VALUES:

@@ -36,6 +36,10 @@ HONOURED = {
     "sigmoid": dict(beta_schedule="sigmoid"),
     "squaredcos_cap_v2": dict(beta_schedule="squaredcos_cap_v2"),
     "laplace": dict(beta_schedule="laplace"),
+    "trained_betas": dict(trained_betas=torch.linspace(1e-4, 0.03, 1000, dtype=torch.float64)
+                          .tolist()),
+    "linspace": dict(timestep_spacing="linspace"),
+    "steps_offset=1": dict(steps_offset=1),
 }
 REFERENCE_ONLY = {"thresholding"}
 
@@ -161,6 +165,7 @@ REFUSED = [
     ({"clip_sample_range": "1"}, "clip_sample_range='1'"),
     ({"thresholding": True, "dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
     ({"num_train_timesteps": 10.5}, "num_train_timesteps"),
+    ({"trained_betas": [0.1, 0.2]}, "trained_betas has 2 values"),
 ]
 
 
