@@ -142,11 +142,6 @@ def select(op: str, device: torch.device) -> str:
     return name
 
 
-def choose(device: torch.device) -> str:
-    """Legacy entry point (ops that predate the table): the sampler step's choice."""
-    return select("ddpm_step", device)
-
-
 def unet_setting(device: torch.device) -> str:
     """The fast runner's default U-Net setting on `device` (a key of UNET_SETTINGS), with the
     fallbacks when the table's choice cannot run here: no Triton → our eager fused kernels,

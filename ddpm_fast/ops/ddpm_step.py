@@ -87,7 +87,8 @@ def _run_triton(out, x, eps, coef, step, key, noise, clip):
     from ..kernels.triton import sampler
 
     noise = None if noise is None else noise.contiguous()
-    sampler.ddpm_step(out, x.contiguous(), eps, coef.contiguous(), step, key, noise, clip)
+    with _native.on_device(x):
+        sampler.ddpm_step(out, x.contiguous(), eps, coef.contiguous(), step, key, noise, clip)
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,10 +98,10 @@ def native_table_width() -> int:
 
 
 def _choose(device) -> str:
-    """backend.choose, except that a native module built for another table layout (a checkout
-    updated without rebuilding) is never run: an explicit request for it is an error, "auto"
-    takes the torch reference with a warning."""
-    which = backend.choose(device)
+    """The kernel table's choice (backend.select), except that a native module built for another
+    table layout (a checkout updated without rebuilding) is never run: an explicit request for
+    it is an error, "auto" takes the torch reference with a warning."""
+    which = backend.select("ddpm_step", device)
     if which == "native" and native_table_width() != COEF_COLS:
         msg = (f"ddpm_fast._C was built for {native_table_width()}-column step tables, this "
                f"package writes {COEF_COLS}: rebuild it (pip install -e .)")
@@ -119,7 +120,8 @@ def _run_native(out, x, eps, coef, step, key, noise, clip):
             _native.addr(noise), out.data_ptr(), coef.data_ptr(), step.data_ptr(),
             key.data_ptr(), list(x.shape), clip)
     if x.device.type == "cuda":
-        _native._C.ddpm_step_cuda(*args, _native.stream_of(x))
+        with _native.on_device(x):
+            _native._C.ddpm_step_cuda(*args, _native.stream_of(x))
     else:
         _native._C.ddpm_step_cpu(*args)
 
