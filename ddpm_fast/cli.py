@@ -31,7 +31,8 @@ EXAMPLES = {
     "info": "examples:\n  ddpm-fast info",
     "convert": """examples:
   ddpm-fast convert diffusion_cifar10_model/model-790000.ckpt --out ddpm-cifar10-32
-  ddpm-fast convert runs/digits --out digits-pipeline --dtype fp16""",
+  ddpm-fast convert runs/digits --out digits-pipeline --dtype fp16
+  ddpm-fast convert ddim-run/ckpt.pth --out ddim-pipeline --raw-weights   # not the EMA""",
     "eval": """examples:
   ddpm-fast eval --terms 1000            # the exact bound, as in the DDPM paper
   ddpm-fast eval --model ./ddpm-cifar10-32 --data cifar10-test.npz --num 10000 --device cuda""",
@@ -171,7 +172,8 @@ def write_images(out: Path, pieces, seeds: list[int], args, steps: int) -> None:
         first = next(pieces)                  # its shape gives the header's image shape
         stream = io.StreamedArray((len(seeds), *first.shape[1:]), np.uint8,
                                   itertools.chain([first], pieces))
-        io.save_npz(out, images=stream, seeds=np.asarray(seeds, np.int64),
+        # arr_0 first: the key npz evaluators (guided-diffusion's) read, and data.load_array's
+        io.save_npz(out, arr_0=stream, seeds=np.asarray(seeds, np.int64),
                     seed=np.int64(args.seed), steps=np.int64(steps))
     else:
         io.save_folder(out, (im for piece in pieces for im in piece),
@@ -416,7 +418,8 @@ def cmd_convert(args) -> int:
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {out} exists (pass --overwrite to replace it)")
     try:
-        unet = load_unet(args.source, sample_size=args.sample_size)
+        unet = load_unet(args.source, sample_size=args.sample_size,
+                         weights="raw" if args.raw_weights else "ema")
         scheduler = load_scheduler_config(args.source)
     except CheckpointError as e:
         raise UsageError(str(e))
@@ -427,6 +430,7 @@ def cmd_convert(args) -> int:
     print(f"wrote {out}: UNet2DModel {c.in_channels}×{c.sample_size}², channels "
           f"{list(c.block_out_channels)}, {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M "
           f"parameters ({args.dtype}), scheduler: {non_default_settings(scheduler)}")
+    print(f"weights: {unet.loaded_weights}")
     return 0
 
 
@@ -621,6 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sample-size", type=positive("--sample-size"), default=None,
                    help="image size for original checkpoints (default: guessed from the depth)")
     c.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    c.add_argument("--raw-weights", action="store_true",
+                   help="take the trained weights, not the EMA weights, from a checkpoint that "
+                   "holds both (a DDIM-repository list [model, optimizer, epoch, step, ema], a "
+                   "training run); the default is the EMA weights, which those repositories "
+                   "sample with")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_convert)
 
@@ -629,12 +638,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the shipped digits model)")
     i.set_defaults(func=cmd_info)
     add("bench", "run benchmarks/sample_throughput.py (arguments pass through)")
+    add("fid", 'FID of samples against a reference set (needs: pip install "ddpm_fast[fid]"; '
+               "arguments: ddpm-fast fid --help)")
     return p
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv[:1] == ["fid"]:
+        from .fid import main as fid_main
+
+        return fid_main(argv[1:])
     if argv[:1] == ["bench"]:
         try:
             return cmd_bench(None, argv[1:])

@@ -41,7 +41,7 @@ def test_sample_npz_and_folder_same_images(tmp_path, capsys, model_dir):
     code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 5, "--batch-size", 2,
                        "--steps", 4, "--out", tmp_path / "s.npz", "--dtype", "fp32")
     assert code == 0, err
-    images = np.load(tmp_path / "s.npz")["images"]
+    images = np.load(tmp_path / "s.npz")["arr_0"]
     assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
     code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 5, "--batch-size", 5,
                        "--steps", 4, "--out", tmp_path / "folder", "--dtype", "fp32")
@@ -241,3 +241,20 @@ def test_info_and_convert_show_scheduler_settings(tmp_path, capsys):
     assert code == 0 and "variance_power" in json.loads(out)["scheduler"]["error"]
     code, _, err = run(capsys, "convert", tmp_path / "bad", "--out", tmp_path / "c2")
     assert code == 2 and "variance_power" in err
+
+
+def test_convert_ddim_repo_checkpoint_ema_or_raw(tmp_path, capsys):
+    from test_checkpoints import _ddim_repo_checkpoint
+
+    from ddpm_fast.checkpoints import load_unet
+
+    raw, ema = _ddim_repo_checkpoint(tmp_path / "ckpt.pth", with_ema=True)
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
+    for flag, model, word in (((), ema, "EMA weights"), (("--raw-weights",), raw, "raw weights")):
+        out = tmp_path / f"out{len(flag)}"
+        code, text, err = run(capsys, "convert", tmp_path / "ckpt.pth", "--out", out,
+                              "--sample-size", 16, *flag)
+        assert code == 0, err
+        assert f"weights: {tmp_path / 'ckpt.pth'}: {word}" in text
+        with torch.no_grad():
+            torch.testing.assert_close(load_unet(out)(x, t), model(x, t), rtol=1e-5, atol=1e-6)

@@ -65,20 +65,20 @@ def test_one_vs_two_processes_identical(tmp_path):
     _launch(2, tmp_path / "two.npz", "0-10,20", 2)
     _launch(2, tmp_path / "two_png", "0-10,20", 2)
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
-    assert one["images"].shape == (12, 8, 8, 1)
-    assert np.array_equal(one["images"], two["images"])            # byte-identical
+    assert one["arr_0"].shape == (12, 8, 8, 1)
+    assert np.array_equal(one["arr_0"], two["arr_0"])            # byte-identical
     assert list(two["seeds"]) == list(range(11)) + [20]
     files = sorted(p.name for p in (tmp_path / "two_png").iterdir())
     assert files == [f"{s:06d}.png" for s in list(range(11)) + [20]]   # one file per seed
     png = np.array(Image.open(tmp_path / "two_png" / "000020.png"))
-    assert np.array_equal(png, one["images"][-1, ..., 0])
+    assert np.array_equal(png, one["arr_0"][-1, ..., 0])
 
 
 @pytest.mark.parametrize("dtype, max_levels", [("fp32", 0), ("bf16", 8)])
 def test_batch_size_does_not_change_images(tmp_path, dtype, max_levels):
     _launch(1, tmp_path / "b8.npz", "0-127", 8, extra_args=["--dtype", dtype])
     _launch(1, tmp_path / "b64.npz", "0-127", 64, extra_args=["--dtype", dtype])
-    a, b = np.load(tmp_path / "b8.npz")["images"], np.load(tmp_path / "b64.npz")["images"]
+    a, b = np.load(tmp_path / "b8.npz")["arr_0"], np.load(tmp_path / "b64.npz")["arr_0"]
     # the same noise per image: in fp32 the CPU convolutions round the same at any batch size
     # (byte-identical); bf16 convolutions pick kernels by batch shape, so a few levels move
     assert np.abs(a.astype(int) - b.astype(int)).max() <= max_levels
@@ -95,7 +95,7 @@ def test_killed_rank_then_rerun_equals_uninterrupted(tmp_path):
     _shards_are_whole(parts)
     before = {p.name: p.stat().st_mtime_ns for p in parts.glob("shard-*.json")}
     _launch(2, out, "0-17", 3)                          # the same command again
-    assert np.array_equal(np.load(out)["images"], np.load(tmp_path / "ref.npz")["images"])
+    assert np.array_equal(np.load(out)["arr_0"], np.load(tmp_path / "ref.npz")["arr_0"])
     for name, mtime in before.items():                  # finished shards were not redone
         assert (parts / name).stat().st_mtime_ns == mtime
 
