@@ -70,9 +70,21 @@ def find_training_checkpoint(path: Path) -> Path | None:
     return None
 
 
-def load_state_dict(path: Path) -> dict:
+WEIGHT_CHOICES = ("ema", "raw")
+
+
+def load_state_dict(path: Path, weights: str = "ema") -> dict:
     """Tensors from a .safetensors file, or from a torch-saved file through the weights-only
-    unpickler (which refuses anything that is not tensors and plain containers)."""
+    unpickler (which refuses anything that is not tensors and plain containers). `weights`:
+    "ema" takes a checkpoint's EMA weights where it holds both (load_weights)."""
+    return load_weights(path, weights)[0]
+
+
+def load_weights(path: Path, weights: str = "ema") -> tuple[dict, str]:
+    """(state dict, which weights were taken, in words) from one weights file; see
+    load_state_dict."""
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(len(LFS_POINTER))
@@ -83,7 +95,7 @@ def load_state_dict(path: Path) -> dict:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            return load_file(str(path)), "the file's only weights"
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from None
     import pickle
@@ -97,26 +109,63 @@ def load_state_dict(path: Path) -> dict:
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable weights file ({type(e).__name__}: "
                               f"{str(e).strip()[:200]})") from None
-    return _unwrap_state_dict(sd, path)
+    return _unwrap_state_dict(sd, path, weights)
 
 
-def _unwrap_state_dict(obj, path) -> dict:
-    """The tensor dict inside the usual wrappers: {"state_dict": …}, {"model": …}, [sd, …]
-    (the DDIM repository's format), and DistributedDataParallel's "module." prefixes."""
+def _tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip(sd: dict) -> dict:
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _unwrap_state_dict(obj, path, weights: str = "ema") -> tuple[dict, str]:
+    """(the tensor dict inside the usual wrappers, which one was taken): {"state_dict": …},
+    {"model": …}, DistributedDataParallel's "module." prefixes, and the DDIM repository's
+    training checkpoints [model, optimizer, epoch, step] + [ema] when trained with EMA
+    (ermongroup/ddim's runners sample with that last element, the EMA helper's shadow of the
+    parameters, loaded over element 0; weights="raw" takes element 0 alone)."""
+    taken = "the file's only weights"
     for _ in range(3):
         if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], dict):
-            obj = obj[0]
-        elif isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            inner = next((obj[k] for k in ("state_dict", "model", "ema", "net") if k in obj), None)
-            if inner is None:
+            n = len(obj)
+            if n > 1 and _tensor_dict(obj[0]) and _tensor_dict(obj[-1]):
+                if weights == "ema":
+                    # as the DDIM repository's ema_helper.ema(model): the shadow's parameters
+                    # over the raw state dict (which keeps any buffers the shadow lacks)
+                    obj = {**_strip(obj[0]), **_strip(obj[-1])}
+                    taken = (f"EMA weights (the last element of a {n}-element DDIM-style "
+                             "checkpoint list; the raw weights are element 0)")
+                else:
+                    obj = obj[0]
+                    taken = (f"raw weights (element 0 of a {n}-element DDIM-style checkpoint "
+                             "list; its EMA weights, the last element, were not taken)")
                 break
-            obj = inner
+            obj = obj[0]
+            taken = (f"element 0 of a {n}-element checkpoint list (no EMA weights in it)"
+                     if n > 1 else "element 0 of a checkpoint list")
+        elif isinstance(obj, dict) and not _tensor_dict(obj):
+            has_ema = _tensor_dict(obj.get("ema"))
+            keys = ("ema", "state_dict", "model", "net") if weights == "ema" and has_ema \
+                else ("state_dict", "model", "ema", "net")
+            key = next((k for k in keys if k in obj), None)
+            if key is None:
+                break
+            raw_key = next((k for k in ("state_dict", "model", "net") if k in obj), None)
+            if has_ema and raw_key is not None:
+                taken = (f"EMA weights (its {key!r} entry; the raw weights are {raw_key!r})"
+                         if key == "ema" else
+                         f"raw weights (its {key!r} entry; its EMA weights, 'ema', were not taken)")
+            else:
+                taken = f"its {key!r} entry"
+            obj = obj[key]
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
     tensors = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
-    return tensors
+    return tensors, taken
 
 
 def check_state_dict(model: torch.nn.Module, sd: dict, source) -> None:
@@ -158,39 +207,60 @@ def _build_unet(config: dict, source) -> UNet2DModel:
         raise CheckpointError(f"{source}: {e}") from None
 
 
-def read_unet_weights(path: str | os.PathLike, sample_size: int | None = None
-                      ) -> tuple[dict, dict, Path]:
+def read_unet_weights(path: str | os.PathLike, sample_size: int | None = None,
+                      weights: str = "ema") -> tuple[dict, dict, Path]:
     """(config dict, state dict in diffusers names, weights file) from any supported source:
-    a diffusers folder (pipeline or model), one of our training runs (its EMA weights), or an
-    original DDPM checkpoint file (converted; `sample_size` overrides the guessed resolution)."""
+    a diffusers folder (pipeline or model), one of our training runs, or an original DDPM
+    checkpoint file (converted; `sample_size` overrides the guessed resolution). `weights`:
+    "ema" (default) takes the EMA weights where the source holds both (a training run of ours,
+    a DDIM-repository checkpoint list), "raw" the trained weights themselves. See
+    read_unet_weights_info for which were taken."""
+    config, sd, source, _ = read_unet_weights_info(path, sample_size, weights)
+    return config, sd, source
+
+
+def read_unet_weights_info(path: str | os.PathLike, sample_size: int | None = None,
+                           weights: str = "ema") -> tuple[dict, dict, Path, str]:
+    """read_unet_weights, plus which weights were taken, in words."""
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"model path does not exist: {p}")
     if p.is_file():
-        config, sd = original_to_diffusers(load_state_dict(p), p, sample_size)
-        return config, sd, p
+        sd, taken = load_weights(p, weights)
+        config, sd = original_to_diffusers(sd, p, sample_size)
+        return config, sd, p, taken
     ckpt = find_training_checkpoint(p)
     if ckpt is not None:
         config = _read_json(ckpt / "state.json").get("unet_config")
         if not isinstance(config, dict):
             raise CheckpointError(f"{ckpt / 'state.json'}: no unet_config")
-        return config, load_state_dict(ckpt / "ema.safetensors"), ckpt / "ema.safetensors"
+        name = "ema.safetensors" if weights == "ema" else "model.safetensors"
+        taken = ("EMA weights (the training run's ema.safetensors)" if weights == "ema" else
+                 "raw weights (the training run's model.safetensors, not its EMA)")
+        return config, load_state_dict(ckpt / name), ckpt / name, taken
     folder = find_unet_folder(p)
     config = _read_json(folder / "config.json")
-    weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
-    if weights is None:
+    weights_file = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
+    if weights_file is None:
         raise CheckpointError(f"no weights in {folder} (looked for {', '.join(WEIGHT_NAMES)})")
-    return config, load_state_dict(weights), weights
+    sd, taken = load_weights(weights_file, weights)
+    return config, sd, weights_file, taken
 
 
 def load_unet(path: str | os.PathLike, device="cpu", dtype=torch.float32,
-              sample_size: int | None = None) -> UNet2DModel:
-    """The U-Net at `path` (see read_unet_weights), checked against its config, in eval mode."""
-    config, sd, source = read_unet_weights(path, sample_size)
+              sample_size: int | None = None, weights: str = "ema") -> UNet2DModel:
+    """The U-Net at `path` (see read_unet_weights), checked against its config, in eval mode.
+    weights="ema" (default) takes the EMA weights where the source holds both, "raw" the
+    trained ones; `model.loaded_weights` says which were taken, and from which file."""
+    config, sd, source, taken = read_unet_weights_info(path, sample_size, weights)
     model = _build_unet(config, source)
     check_state_dict(model, sd, source)
     model.load_state_dict(sd, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    model.loaded_weights = f"{source}: {taken}"
+    return model
 
 
 def load_scheduler_config(path: str | os.PathLike) -> dict:

@@ -102,7 +102,8 @@ class DDPMPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "DDPMPipeline":
         device = kwargs.get("device") or "cpu"
-        unet = checkpoints.load_unet(path, device=device)
+        # weights="raw": a checkpoint's trained weights instead of its EMA (checkpoints.load_unet)
+        unet = checkpoints.load_unet(path, device=device, weights=kwargs.pop("weights", "ema"))
         return cls(unet, checkpoints.load_scheduler_config(path), **kwargs)
 
     @classmethod

@@ -230,3 +230,60 @@ def test_training_run_folder_loads_ema(tmp_path):
     loaded = load_unet(tmp_path / "run")
     for (k, a), b in zip(ema.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def _ddim_repo_checkpoint(path, with_ema: bool):
+    """A training checkpoint as ermongroup/ddim's runners save it: the DataParallel model's
+    state dict ("module." names), the optimizer's, epoch, step, and with EMA on the EMA
+    helper's shadow (parameters only, names without "module.")."""
+    kw = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
+    raw = _original_model(**kw)
+    ema = _original_model(**kw)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01)
+    opt = torch.optim.Adam(raw.parameters(), lr=1e-4)
+    raw(torch.randn(1, 3, 16, 16), torch.tensor([3])).square().mean().backward()
+    opt.step()                                   # an optimizer state with tensors in it
+    states = [{f"module.{k}": v for k, v in raw.state_dict().items()}, opt.state_dict(), 7, 1234]
+    if with_ema:
+        states.append({n: p.detach().clone() for n, p in ema.named_parameters()})
+    torch.save(states, path)
+    return raw, ema
+
+
+def _same_outputs(ours, model):
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t), model(x, t), rtol=1e-5, atol=1e-6)
+
+
+def test_ddim_repo_checkpoint_takes_ema_unless_raw(tmp_path):
+    raw, ema = _ddim_repo_checkpoint(tmp_path / "ckpt.pth", with_ema=True)
+    ours = load_unet(tmp_path / "ckpt.pth", sample_size=16)            # the default: EMA
+    _same_outputs(ours, ema)
+    assert "EMA weights" in ours.loaded_weights and "5-element" in ours.loaded_weights
+    ours = load_unet(tmp_path / "ckpt.pth", sample_size=16, weights="raw")
+    _same_outputs(ours, raw)
+    assert ours.loaded_weights.endswith("were not taken)") and "raw weights" in ours.loaded_weights
+    with pytest.raises(ValueError, match="weights must be one of ema, raw"):
+        load_unet(tmp_path / "ckpt.pth", weights="shadow")
+
+
+def test_ddim_repo_checkpoint_without_ema_takes_the_model(tmp_path):
+    raw, _ = _ddim_repo_checkpoint(tmp_path / "ckpt.pth", with_ema=False)
+    ours = load_unet(tmp_path / "ckpt.pth", sample_size=16)
+    _same_outputs(ours, raw)
+    assert "no EMA weights" in ours.loaded_weights
+
+
+def test_training_run_raw_weights(tmp_path):
+    from ddpm_fast.training import DIGITS_CONFIG, TrainConfig, digits_dataset, train
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=2, batch_size=4, log_every=0, checkpoint_every=2, ema_decay=0.5)
+    train(UNet2DModel(DIGITS_CONFIG), digits_dataset(8)[:16], cfg,
+          out_dir=tmp_path / "run" / "checkpoint", log=lambda *_: None)
+    ema, raw = load_unet(tmp_path / "run"), load_unet(tmp_path / "run", weights="raw")
+    assert "ema.safetensors" in ema.loaded_weights and "model.safetensors" in raw.loaded_weights
+    assert not torch.equal(ema.conv_in.weight, raw.conv_in.weight)
