@@ -54,9 +54,8 @@ NoiseArgs make_noise_args(uintptr_t out, uintptr_t key, uintptr_t step, int64_t 
 
 GroupNormArgs make_gn_args(uintptr_t x, std::array<int64_t, 4> x_stride, uintptr_t out,
                            std::array<int64_t, 4> out_stride, uintptr_t weight, uintptr_t bias,
-                           uintptr_t add, uintptr_t partials, int dtype,
-                           std::array<int64_t, 4> shape, int64_t groups, double eps, bool silu,
-                           bool channels_last) {
+                           uintptr_t add, int dtype, std::array<int64_t, 4> shape,
+                           int64_t groups, double eps, bool silu) {
   if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument("bad dtype code");
   if (groups <= 0 || shape[1] % groups != 0)
     throw std::invalid_argument("channels must be a multiple of groups");
@@ -67,13 +66,11 @@ GroupNormArgs make_gn_args(uintptr_t x, std::array<int64_t, 4> x_stride, uintptr
   a.weight = ptr<const float>(weight);
   a.bias = ptr<const float>(bias);
   a.add = ptr<const float>(add);
-  a.partials = ptr<float>(partials);
   a.dtype = dtype;
   a.n = shape[0]; a.c = shape[1]; a.h = shape[2]; a.w = shape[3];
   a.groups = groups;
   a.eps = static_cast<float>(eps);
   a.silu = silu;
-  a.channels_last = channels_last;
   return a;
 }
 
@@ -132,28 +129,13 @@ PYBIND11_MODULE(_C, m) {
         [](uintptr_t x, std::array<int64_t, 4> x_stride, uintptr_t out,
            std::array<int64_t, 4> out_stride, uintptr_t weight, uintptr_t bias, uintptr_t add,
            int dtype, std::array<int64_t, 4> shape, int64_t groups, double eps, bool silu) {
-          GroupNormArgs a = make_gn_args(x, x_stride, out, out_stride, weight, bias, add, 0,
-                                         dtype, shape, groups, eps, silu, false);
+          GroupNormArgs a = make_gn_args(x, x_stride, out, out_stride, weight, bias, add, dtype,
+                                         shape, groups, eps, silu);
           py::gil_scoped_release release;
           group_norm_cpu(a);
         });
 
 #ifdef DDPM_FAST_WITH_CUDA
-  m.def("group_norm_cuda_chunks",
-        [](std::array<int64_t, 4> shape, int64_t groups) {
-          GroupNormArgs a{};
-          a.c = shape[1]; a.h = shape[2]; a.w = shape[3]; a.groups = groups;
-          return group_norm_cuda_chunks(a);
-        }, "Chunks per (image, group): the scratch needs N * groups * chunks * 3 floats.");
-  m.def("group_norm_cuda",
-        [](uintptr_t x, std::array<int64_t, 4> x_stride, uintptr_t out,
-           std::array<int64_t, 4> out_stride, uintptr_t weight, uintptr_t bias, uintptr_t add,
-           uintptr_t partials, int dtype, std::array<int64_t, 4> shape, int64_t groups,
-           double eps, bool silu, bool channels_last, uintptr_t stream) {
-          GroupNormArgs a = make_gn_args(x, x_stride, out, out_stride, weight, bias, add,
-                                         partials, dtype, shape, groups, eps, silu, channels_last);
-          check_cuda(group_norm_cuda(a, group_norm_cuda_chunks(a), stream), "group_norm_cuda");
-        });
   m.def("ddpm_step_cuda",
         [](uintptr_t x, uintptr_t eps, int eps_dtype, std::array<int64_t, 4> eps_stride,
            uintptr_t noise, uintptr_t out, uintptr_t coef, uintptr_t step, uintptr_t key,

@@ -38,12 +38,10 @@ struct GroupNormArgs {
   const float* weight;     // [C] fp32
   const float* bias;       // [C] fp32
   const float* add;        // [N, C] fp32 or null
-  float* partials;         // CUDA only: [N * groups, chunks, 3] scratch (count, mean, m2)
   int dtype;               // DType code of x and out
   int64_t n, c, h, w, groups;
   float eps;
   bool silu;
-  bool channels_last;      // element order inside a group: pixel-major (NHWC) or channel-major
 };
 
 void ddpm_step_cpu(const StepArgs& a);
@@ -56,8 +54,6 @@ void philox_raw_cpu(uint32_t* out, int64_t count, uint32_t c1, uint32_t c2, uint
 // Launch on the given stream (cudaStream_t passed as an integer); returns a CUDA error code.
 int ddpm_step_cuda(const StepArgs& a, uintptr_t stream);
 int philox_normal_cuda(const NoiseArgs& a, uintptr_t stream);
-int group_norm_cuda(const GroupNormArgs& a, int64_t chunks, uintptr_t stream);
-int64_t group_norm_cuda_chunks(const GroupNormArgs& a);
 const char* cuda_error_string(int code);
 int cuda_runtime_version();
 #endif

@@ -58,3 +58,15 @@ def test_fast_runner_reads_the_unet_setting(monkeypatch):
         "reference"
     with pytest.raises(ValueError, match="kernels must be one of"):
         FastRunner(unet, "cpu", kernels="cudnn")
+
+
+def test_group_norm_native_is_cpu_only(monkeypatch):
+    """No CUDA GroupNorm (it lost to Triton at every measured shape): even where the CUDA
+    kernels are built, GroupNorm on a GPU never selects "native"."""
+    monkeypatch.setattr(backend, "native_available", lambda device: True)
+    monkeypatch.setattr(backend, "triton_available", lambda device: False)
+    cuda = torch.device("cuda")
+    assert select("group_norm", cuda) == "torch"
+    with use_backend("native"):
+        assert select("group_norm", cuda) == "torch"
+        assert select("ddpm_step", cuda) == "native"
