@@ -23,7 +23,7 @@ T* ptr(uintptr_t address) {
 
 StepArgs make_step_args(uintptr_t x, uintptr_t eps, int eps_dtype,
                         std::array<int64_t, 4> eps_stride, uintptr_t noise, uintptr_t out,
-                        uintptr_t coef, uintptr_t step, uintptr_t key,
+                        uintptr_t coef, int64_t rows, uintptr_t step, uintptr_t key,
                         std::array<int64_t, 4> shape, bool clip) {
   if (eps_dtype < kFloat32 || eps_dtype > kFloat16) throw std::invalid_argument("bad eps dtype code");
   StepArgs a;
@@ -34,6 +34,7 @@ StepArgs make_step_args(uintptr_t x, uintptr_t eps, int eps_dtype,
   a.noise = ptr<const float>(noise);
   a.out = ptr<float>(out);
   a.coef = ptr<const float>(coef);
+  a.rows = rows;
   a.step = ptr<const int64_t>(step);
   a.key = ptr<const int64_t>(key);
   a.n = shape[0]; a.c = shape[1]; a.h = shape[2]; a.w = shape[3];
@@ -96,6 +97,7 @@ py::dict build_info() {
 #endif
   d["compiler"] = std::string(__VERSION__);
   d["coef_cols"] = static_cast<int>(kCoefCols);   // step-table width the kernels read
+  d["step_row_bound"] = true;                     // the step kernels take the table's rows
   return d;
 }
 
@@ -107,10 +109,10 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("ddpm_step_cpu",
         [](uintptr_t x, uintptr_t eps, int eps_dtype, std::array<int64_t, 4> eps_stride,
-           uintptr_t noise, uintptr_t out, uintptr_t coef, uintptr_t step, uintptr_t key,
-           std::array<int64_t, 4> shape, bool clip) {
-          StepArgs a = make_step_args(x, eps, eps_dtype, eps_stride, noise, out, coef, step, key,
-                                      shape, clip);
+           uintptr_t noise, uintptr_t out, uintptr_t coef, int64_t rows, uintptr_t step,
+           uintptr_t key, std::array<int64_t, 4> shape, bool clip) {
+          StepArgs a = make_step_args(x, eps, eps_dtype, eps_stride, noise, out, coef, rows, step,
+                                      key, shape, clip);
           py::gil_scoped_release release;
           ddpm_step_cpu(a);
         });
@@ -138,10 +140,10 @@ PYBIND11_MODULE(_C, m) {
 #ifdef DDPM_FAST_WITH_CUDA
   m.def("ddpm_step_cuda",
         [](uintptr_t x, uintptr_t eps, int eps_dtype, std::array<int64_t, 4> eps_stride,
-           uintptr_t noise, uintptr_t out, uintptr_t coef, uintptr_t step, uintptr_t key,
-           std::array<int64_t, 4> shape, bool clip, uintptr_t stream) {
-          StepArgs a = make_step_args(x, eps, eps_dtype, eps_stride, noise, out, coef, step, key,
-                                      shape, clip);
+           uintptr_t noise, uintptr_t out, uintptr_t coef, int64_t rows, uintptr_t step,
+           uintptr_t key, std::array<int64_t, 4> shape, bool clip, uintptr_t stream) {
+          StepArgs a = make_step_args(x, eps, eps_dtype, eps_stride, noise, out, coef, rows, step,
+                                      key, shape, clip);
           check_cuda(ddpm_step_cuda(a, stream), "ddpm_step_cuda");
         });
   m.def("philox_normal_cuda", [](uintptr_t out, uintptr_t key, uintptr_t step, int64_t n,

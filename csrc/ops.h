@@ -13,7 +13,8 @@ struct StepArgs {
   int64_t eps_stride[4];   // in elements
   const float* noise;      // [N, C, H, W] external noise, or null for in-kernel Philox
   float* out;              // [N, C, H, W] x_{t-1}; may alias x
-  const float* coef;       // [num_steps, kCoefCols] table from schedule.py
+  const float* coef;       // [rows, kCoefCols] table from schedule.py
+  int64_t rows;            // a step index outside [0, rows) writes NaN, never reads past coef
   const int64_t* step;     // [1] index of the row to use (device memory on CUDA)
   const int64_t* key;      // [2] (seed, index of image 0); used when noise is null
   int64_t n, c, h, w;

@@ -31,6 +31,7 @@ from .ops.backend import UNET_SETTINGS, unet_setting
 from .ops.ddpm_step import ddpm_step_out
 from .ops.philox import key_tensor, philox_normal
 from .sampling import WATCH_EVERY, check_finite
+from .schedule import COEF_COLS
 from .unet import TimeProjections, UNet2DModel
 
 
@@ -145,6 +146,18 @@ def gemm_layout(model: torch.nn.Module) -> torch.nn.Module:
                 if m.qkv_weight is not None:
                     m.qkv_weight = relaid(m.qkv_weight)
     return model
+
+
+def check_plan(coef: torch.Tensor, timesteps: Sequence[int]) -> None:
+    """A run reads row i of the step table at step i: refuse a table that does not have one
+    float32 row of COEF_COLS per timestep, before anything runs (the kernels would otherwise
+    poison the state with NaN at the first missing row)."""
+    if coef.dim() != 2 or coef.shape[1] != COEF_COLS or coef.dtype != torch.float32:
+        raise ValueError(f"step table must be float32 [steps, {COEF_COLS}] (Schedule.step_table),"
+                         f" got {coef.dtype} {tuple(coef.shape)}")
+    if coef.shape[0] != len(timesteps):
+        raise ValueError(f"step table has {coef.shape[0]} rows for {len(timesteps)} timesteps: "
+                         "build it from the same timesteps (Schedule.step_table(timesteps))")
 
 
 class FastRunner:
@@ -276,6 +289,7 @@ class FastRunner:
     def _prepare(self, coef: torch.Tensor, timesteps: Sequence[int], batch: int, key, clip: bool):
         """(state, run-one-step) for a run: the cached graph with this run's tables copied into
         its buffers, or eager steps when graphs are off or capture failed."""
+        check_plan(coef, timesteps)
         coef = coef.to(self.device)
         temb = self.time_table(timesteps)
         if self.use_graphs:

@@ -153,3 +153,13 @@ def test_failed_compile_falls_back_to_the_fused_eager_unet(monkeypatch):
     assert runner.model is runner.unet and runner.unet.kernels == "fused"
     eager = FastRunner(unet, "cpu", dtype=torch.float32, compile=False, kernels="fused")
     torch.testing.assert_close(out, eager.sample(table, ts, 2, seed=1), atol=1e-5, rtol=0)
+
+
+def test_table_and_timesteps_must_match():
+    runner = FastRunner(UNet2DModel("tiny").eval(), "cpu", dtype=torch.float32)
+    s = Schedule.linear()
+    ts = s.timesteps(10)
+    with pytest.raises(ValueError, match="5 rows for 10 timesteps"):
+        runner.sample(s.step_table(ts[:5]), ts, 1, seed=0)
+    with pytest.raises(ValueError, match="float32"):
+        runner.sample(s.step_table(ts).double(), ts, 1, seed=0)

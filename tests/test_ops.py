@@ -173,3 +173,22 @@ def test_works_in_torch_compile(backend):
     with use_backend(backend):
         compiled = torch.compile(f, fullgraph=True)
         torch.testing.assert_close(compiled(x, eps, noise), f(x, eps, noise), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_index_past_the_table_never_reads_it(backend):
+    """A step index outside the table: the torch reference raises, the kernels write NaN (which
+    the runner's NaN watch reports) instead of reading past the table."""
+    s = Schedule.linear()
+    table = s.step_table(s.timesteps(5))
+    x, eps, key = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([1, 0])
+    for bad in (5, -1):
+        step = torch.tensor([bad])
+        with use_backend(backend):
+            if backend == "torch":
+                with pytest.raises((IndexError, RuntimeError)):
+                    ddpm_step(x, eps, table, step, key, None, True)
+            else:
+                assert torch.isnan(ddpm_step(x, eps, table, step, key, None, True)).all()
+    with use_backend(backend):                           # the last row still works
+        assert torch.isfinite(ddpm_step(x, eps, table, torch.tensor([4]), key, None, True)).all()

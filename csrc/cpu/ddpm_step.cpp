@@ -1,6 +1,8 @@
 // CPU sampler step and Philox noise: OpenMP over images and channels, the inner loop over
 // contiguous pixels so the compiler can vectorise the update.
+#include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../common.h"
@@ -10,6 +12,10 @@
 namespace ddpm_fast {
 
 void ddpm_step_cpu(const StepArgs& a) {
+  if (a.step[0] < 0 || a.step[0] >= a.rows) {     // past the table: NaN, not a wild read
+    std::fill(a.out, a.out + a.n * a.c * a.h * a.w, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
   const float* coef = a.coef + a.step[0] * kCoefCols;
   const bool add_noise = coef[kSigma] != 0.0f;
   const uint32_t t = static_cast<uint32_t>(coef[kT]);

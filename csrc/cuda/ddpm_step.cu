@@ -27,6 +27,10 @@ __global__ void ddpm_step_kernel(StepArgs a) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g >= groups_per_image * a.n) return;
   const int64_t n = g / groups_per_image, group = g % groups_per_image;
+  if (a.step[0] < 0 || a.step[0] >= a.rows) {     // past the table: NaN, not a wild read
+    for (int64_t e = group * 4; e < group * 4 + 4 && e < chw; ++e) a.out[n * chw + e] = NAN;
+    return;
+  }
   const float* coef = a.coef + a.step[0] * kCoefCols;
   float z[4] = {0.f, 0.f, 0.f, 0.f};
   if (coef[kSigma] != 0.0f && a.noise == nullptr) {

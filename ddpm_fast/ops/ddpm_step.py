@@ -93,8 +93,12 @@ def _run_triton(out, x, eps, coef, step, key, noise, clip):
 
 @functools.lru_cache(maxsize=None)
 def native_table_width() -> int:
-    """The table width the built ddpm_fast._C was compiled for (8 before the D/R columns)."""
-    return int(_native.build_info().get("coef_cols", 8)) if _native.available() else 0
+    """The table width the built ddpm_fast._C was compiled for (8 before the D/R columns; 0 for
+    a build whose step kernels do not yet take the table's row count)."""
+    info = _native.build_info()
+    if not _native.available() or not info.get("step_row_bound"):
+        return 0
+    return int(info.get("coef_cols", 8))
 
 
 def _choose(device) -> str:
@@ -103,8 +107,9 @@ def _choose(device) -> str:
     it is an error, "auto" takes the torch reference with a warning."""
     which = backend.select("ddpm_step", device)
     if which == "native" and native_table_width() != COEF_COLS:
-        msg = (f"ddpm_fast._C was built for {native_table_width()}-column step tables, this "
-               f"package writes {COEF_COLS}: rebuild it (pip install -e .)")
+        msg = (f"ddpm_fast._C was built for another step-table layout "
+               f"({native_table_width() or 'no row bound'}; this package writes {COEF_COLS} "
+               f"columns): rebuild it (pip install -e .)")
         if backend.requested() == "native":
             raise RuntimeError(msg)
         warnings.warn(msg + "; using the torch sampler step")
@@ -117,7 +122,7 @@ def _run_native(out, x, eps, coef, step, key, noise, clip):
     coef = coef.contiguous()
     noise = None if noise is None else noise.contiguous()
     args = (x.data_ptr(), eps.data_ptr(), _native.DTYPE_CODES[eps.dtype], list(eps.stride()),
-            _native.addr(noise), out.data_ptr(), coef.data_ptr(), step.data_ptr(),
+            _native.addr(noise), out.data_ptr(), coef.data_ptr(), coef.shape[0], step.data_ptr(),
             key.data_ptr(), list(x.shape), clip)
     if x.device.type == "cuda":
         with _native.on_device(x):

@@ -88,7 +88,7 @@ def _philox_normal_kernel(
 
 @triton.jit
 def _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e, chw, hw, w,
-            s_n, s_c, s_h, s_w, z, a, b, c0, c1, c2, sigma, d, r,
+            s_n, s_c, s_h, s_w, z, a, b, c0, c1, c2, sigma, d, r, poison,
             HAS_NOISE: tl.constexpr, CLIP: tl.constexpr):
     mask = e < chw
     idx = n.to(tl.int64) * chw + e
@@ -103,7 +103,7 @@ def _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e, chw, hw, w,
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -r), r)
     mean = c0 * x0 + c1 * x + c2 * eps
-    tl.store(out_ptr + idx, mean + sigma * z, mask=mask)
+    tl.store(out_ptr + idx, mean + sigma * z + poison, mask=mask)
 
 
 @triton.jit
@@ -115,6 +115,7 @@ def _ddpm_step_kernel(
     coef_ptr,       # float32 [steps, COEF_COLS]: A, B, C0, C1, C2, SIGMA, T, D, R, pad
     step_ptr,       # int64 [1]: the row of coef to use
     key_ptr,        # int64 [2]: seed, index of image 0 (Philox when not HAS_NOISE)
+    rows,           # rows of coef: a step index outside [0, rows) writes NaN
     chw, hw, w,
     s_n, s_c, s_h, s_w,
     HAS_NOISE: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
@@ -122,7 +123,10 @@ def _ddpm_step_kernel(
 ):
     n = tl.program_id(1)
     group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row = coef_ptr + tl.load(step_ptr) * COEF_COLS
+    s = tl.load(step_ptr)
+    inside = (s >= 0) & (s < rows)
+    row = coef_ptr + tl.where(inside, s, 0) * COEF_COLS     # never read past the table
+    poison = tl.where(inside, 0.0, float("nan"))
     # scalars as fp32 (Inductor may hand scalar arguments over as fp64; these are loads anyway)
     a = tl.load(row + 0)
     b = tl.load(row + 1)
@@ -142,13 +146,13 @@ def _ddpm_step_kernel(
         z0, z1, z2, z3 = _normals4(seed_lo, seed_hi, image, step, group.to(tl.uint32))
     e = group.to(tl.int64) * 4
     _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e, chw, hw, w, s_n, s_c, s_h, s_w, z0,
-            a, b, c0, c1, c2, sigma, d, r, HAS_NOISE, CLIP)
+            a, b, c0, c1, c2, sigma, d, r, poison, HAS_NOISE, CLIP)
     _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e + 1, chw, hw, w, s_n, s_c, s_h, s_w, z1,
-            a, b, c0, c1, c2, sigma, d, r, HAS_NOISE, CLIP)
+            a, b, c0, c1, c2, sigma, d, r, poison, HAS_NOISE, CLIP)
     _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e + 2, chw, hw, w, s_n, s_c, s_h, s_w, z2,
-            a, b, c0, c1, c2, sigma, d, r, HAS_NOISE, CLIP)
+            a, b, c0, c1, c2, sigma, d, r, poison, HAS_NOISE, CLIP)
     _update(x_ptr, eps_ptr, noise_ptr, out_ptr, n, e + 3, chw, hw, w, s_n, s_c, s_h, s_w, z3,
-            a, b, c0, c1, c2, sigma, d, r, HAS_NOISE, CLIP)
+            a, b, c0, c1, c2, sigma, d, r, poison, HAS_NOISE, CLIP)
 
 
 BLOCK = 256
@@ -166,6 +170,6 @@ def ddpm_step(out, x, eps, coef, step, key, noise, clip: bool) -> None:
     chw = c * h * w
     grid = (triton.cdiv(triton.cdiv(chw, 4), BLOCK), n)
     _ddpm_step_kernel[grid](x, eps, x if noise is None else noise, out, coef, step, key,
-                            chw, h * w, w, *eps.stride(),
+                            coef.shape[0], chw, h * w, w, *eps.stride(),
                             HAS_NOISE=noise is not None, CLIP=clip, BLOCK=BLOCK,
                             COEF_COLS=schedule.COEF_COLS)
