@@ -30,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from benchmarks.conv2d_layers import CIFAR_LAYERS, make_inputs  # noqa: E402
 from ddpm_fast.kernels.triton import conv2d as conv_kernel  # noqa: E402
-from ddpm_fast.ops.conv2d import conv_padding  # noqa: E402
+from ddpm_fast.ops.conv2d import conv_padding, output_size  # noqa: E402
 
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -102,9 +102,8 @@ def launcher_args(args: dict) -> dict:
 def compile_layer(layer, batch: int, arch: int) -> dict:
     spec = launcher_args(make_inputs(layer, batch, "meta", torch.bfloat16))
     x, weight = spec["x"], spec["weight"]
-    pad, scale = spec["pad"], 2 if spec["upsample"] else 1
-    ho = (x.shape[2] * scale + pad[2] + pad[3] - weight.shape[2]) // spec["stride"] + 1
-    wo = (x.shape[3] * scale + pad[0] + pad[1] - weight.shape[3]) // spec["stride"] + 1
+    ho, wo = output_size(x.shape[2], x.shape[3], weight.shape[2:], spec["stride"], spec["pad"],
+                         spec["upsample"])
     y = torch.empty(x.shape[0], weight.shape[0], ho, wo, dtype=x.dtype, device="meta"
                     ).contiguous(memory_format=torch.channels_last)
     recorder = Recorder(conv_kernel._conv2d_kernel)

@@ -195,6 +195,9 @@ class ResnetBlock2D(nn.Module):
         norm's statistics in its output. Returns (output, its statistics)."""
         from .ops.conv2d import conv2d
 
+        if skip is not None and self.conv_shortcut is None:
+            raise ValueError("a ResBlock with a skip input needs its 1x1 shortcut")
+
         def norm(gn):
             return gn.weight, gn.bias, gn.num_groups, gn.eps
 
@@ -204,8 +207,6 @@ class ResnetBlock2D(nn.Module):
                             return_stats=True)
         h = self.dropout(h)
         block_input = x if skip is None else (x, skip)
-        if skip is not None and self.conv_shortcut is None:
-            raise ValueError("a ResBlock with a skip input needs its 1x1 shortcut")
         shortcut = residual = None
         if self.conv_shortcut is not None:
             shortcut = (block_input, self.conv_shortcut.weight, self.conv_shortcut.bias)
@@ -278,7 +279,6 @@ class Attention(nn.Module):
         o = self.to_out[0](o.transpose(1, 2).reshape(b, -1, c))
         out = o.transpose(-1, -2).reshape(b, c, h, w) + x
         return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
-
 
     def forward_conv(self, x, x_stats):
         """The block as three kernels ("conv" kernels): the q/k/v projection is a 1×1 conv2d

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import TRITON
 from ddpm_fast.ops.backend import use_backend
-from ddpm_fast.ops.conv2d import _per_channel, conv2d, norm_affine, Norm
+from ddpm_fast.ops.conv2d import Norm, conv2d, norm_affine, per_channel_stats
 
 BACKENDS = ["torch"] + TRITON
 EPS = 1e-6
@@ -105,7 +105,7 @@ def test_backend_equals_reference(backend, name):
     scale = max(1.0, ref.abs().max().item())
     assert (y - ref).abs().max().item() <= 1e-4 * scale
     # statistics: whatever the tiling, the same per-channel count, mean and variance
-    got, want = _per_channel(stats), _per_channel(ref_stats)
+    got, want = per_channel_stats(stats), per_channel_stats(ref_stats)
     torch.testing.assert_close(got[..., 0], want[..., 0])
     torch.testing.assert_close(got[..., 1], want[..., 1], atol=1e-5 * scale, rtol=1e-5)
     torch.testing.assert_close(got[..., 2] / got[..., 0], want[..., 2] / want[..., 0],

@@ -204,7 +204,7 @@ def test_conv2d_triton_cuda(layer, batch, dtype):
     fp32 reference; bf16/fp16 within twice stock torch's same-dtype error (flash-attention's
     rule); output statistics equal to the reference's."""
     from benchmarks.conv2d_layers import as_float, make_inputs, torch_composite
-    from ddpm_fast.ops.conv2d import _per_channel, conv2d
+    from ddpm_fast.ops.conv2d import conv2d, per_channel_stats
 
     args = make_inputs(_conv_layers()[layer], batch, "cuda", dtype)
     with use_backend("torch"), torch.backends.cudnn.flags(allow_tf32=False):
@@ -218,7 +218,7 @@ def test_conv2d_triton_cuda(layer, batch, dtype):
         assert err <= 1e-4 * scale
     else:
         assert err <= 2 * (same_dtype.float() - ref).abs().max().item() + 1e-3 * scale
-    got, want = _per_channel(stats), _per_channel(ref_stats)
+    got, want = per_channel_stats(stats), per_channel_stats(ref_stats)
     assert torch.equal(got[..., 0], want[..., 0])
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got[..., 1], want[..., 1], atol=tol * scale, rtol=tol)
@@ -258,8 +258,6 @@ def test_conv_kernels_bf16_sampling_with_graphs():
 
 def test_conv_unet_pdl_changes_nothing(monkeypatch):
     """Programmatic dependent launch only overlaps launches: same bytes with it on and off."""
-    import copy
-
     from ddpm_fast.fast import gemm_layout
 
     torch.manual_seed(0)

@@ -64,7 +64,7 @@ def channel_stats(y: torch.Tensor) -> torch.Tensor:
     return torch.stack([count, mean, var * count], dim=-1)[:, None]
 
 
-def _per_channel(stats: torch.Tensor) -> torch.Tensor:
+def per_channel_stats(stats: torch.Tensor) -> torch.Tensor:
     """[N, T, C, 3] partials → [N, C, 3], merged over tiles."""
     count, mean, m2 = chan_merge(stats[..., 0], stats[..., 1], stats[..., 2], dim=1)
     return torch.stack([count, mean, m2], dim=-1)
@@ -73,7 +73,7 @@ def _per_channel(stats: torch.Tensor) -> torch.Tensor:
 def norm_affine(stats: Sequence[torch.Tensor], norm: Norm):
     """GroupNorm as a per-(image, channel) affine map u·scale + shift, both fp32 [N, C], from the
     per-channel statistics of each input part (x, then skip)."""
-    per_channel = torch.cat([_per_channel(s) for s in stats], dim=1)       # [N, C, 3]
+    per_channel = torch.cat([per_channel_stats(s) for s in stats], dim=1)       # [N, C, 3]
     n, c, _ = per_channel.shape
     grouped = per_channel.view(n, norm.groups, c // norm.groups, STAT_FIELDS)
     count, mean, m2 = chan_merge(grouped[..., 0], grouped[..., 1], grouped[..., 2], dim=2)
