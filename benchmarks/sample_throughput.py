@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -139,10 +140,43 @@ def sync(device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- providers
 
+class TorchUNet(torch.nn.Module):
+    """diffusers' UNet2DModel's stand-in where diffusers is not installed (the lent GPU machine
+    has none): ddpm_fast's U-Net on torch's own ops, the same architecture and parameter names,
+    with diffusers' call surface (a dict config, `.sample` output) that the providers use."""
+
+    class Config(dict):
+        __getattr__ = dict.__getitem__
+
+    def __init__(self, config: dict):
+        super().__init__()
+        from ddpm_fast.unet import UNet2DModel
+
+        self.model = UNet2DModel(dict(config)).set_kernels("reference")
+        self.config = self.Config(self.model.config.to_dict())
+
+    def forward(self, x, t):
+        return SimpleNamespace(sample=self.model(x, t))
+
+    def state_dict(self, *args, **kwargs):       # diffusers' names, without a wrapper prefix
+        return self.model.state_dict(*args, **kwargs)
+
+
+def stock_unet_source() -> str:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return "ddpm_fast.unet with torch ops (diffusers not installed)"
+    return "diffusers.UNet2DModel"
+
+
 def make_diffusers_unet(config: str, seed: int):
+    """The stock U-Net the baselines run: diffusers' own, else TorchUNet (same weights layout)."""
+    torch.manual_seed(seed)
+    if stock_unet_source() != "diffusers.UNet2DModel":
+        return TorchUNet(CONFIGS[config]).eval()
     from diffusers import UNet2DModel
 
-    torch.manual_seed(seed)
     return UNet2DModel(**CONFIGS[config]).eval()
 
 
@@ -302,6 +336,7 @@ def environment(device) -> dict:
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    info["stock_unet"] = stock_unet_source()
     for pkg in ("triton", "diffusers"):
         try:
             info[pkg] = __import__(pkg).__version__
