@@ -236,12 +236,23 @@ def _normal_kl(mean1, logvar1, mean2, logvar2):
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def _discretized_gaussian_log_likelihood(x, mean, log_scale):
-    """log p(x) of 8-bit data in [-1, 1] under a Gaussian discretised to bins of width 2/255,
-    the outermost bins extended to ±∞ (Ho et al. 2020, section 3.3)."""
-    def cdf(v):
-        return 0.5 * (1.0 + torch.erf(v / 2 ** 0.5))
+def approx_standard_normal_cdf(x):
+    """The normal CDF as the original DDPM code computes it (diffusion_utils_2.py
+    approx_standard_normal_cdf): 0.5 (1 + tanh(√(2/π) (x + 0.044715 x³)))."""
+    return 0.5 * (1.0 + torch.tanh((2.0 / math.pi) ** 0.5 * (x + 0.044715 * x.pow(3))))
 
+
+def standard_normal_cdf(x):
+    """The exact normal CDF, 0.5 (1 + erf(x/√2))."""
+    return 0.5 * (1.0 + torch.erf(x / 2 ** 0.5))
+
+
+def _discretized_gaussian_log_likelihood(x, mean, log_scale, exact_cdf: bool = False):
+    """log p(x) of 8-bit data in [-1, 1] under a Gaussian discretised to bins of width 2/255,
+    the outermost bins extended to ±∞ (Ho et al. 2020, section 3.3). The CDF is the original
+    code's tanh approximation (discretized_gaussian_log_likelihood there), so that the numbers
+    reproduce its implementation; exact_cdf=True uses erf instead."""
+    cdf = standard_normal_cdf if exact_cdf else approx_standard_normal_cdf
     centred, inv_std = x - mean, torch.exp(-log_scale)
     cdf_plus = cdf(inv_std * (centred + 1 / 255))
     cdf_min = cdf(inv_std * (centred - 1 / 255))
@@ -254,11 +265,14 @@ def _discretized_gaussian_log_likelihood(x, mean, log_scale):
 
 @torch.no_grad()
 def bits_per_dim(unet, schedule: Schedule, x0: torch.Tensor, variance: str = "fixed_large",
-                 clip: bool = True, num_terms: Optional[int] = None, generator=None) -> dict:
+                 clip: bool = True, num_terms: Optional[int] = None, generator=None,
+                 exact_cdf: bool = False) -> dict:
     """The variational bound L_vlb = L_T + Σ_{t>1} L_{t−1} + L_0 in bits per dimension, per image
     (Ho et al. 2020, eq. 5; the paper's NLL metric). x0: 8-bit images scaled to [-1, 1].
     num_terms: evaluate that many KL terms (the smallest t exactly, the rest evenly spaced and
-    scaled: an estimate, for speed); None evaluates all T − 1 of them. Returns per-image tensors: total, prior, decoder, kl."""
+    scaled: an estimate, for speed); None evaluates all T − 1 of them. The decoder term L_0
+    uses the original code's tanh approximation of the normal CDF; exact_cdf=True the exact
+    (erf) one. Returns per-image tensors: total, prior, decoder, kl."""
     if schedule.prediction_type != "epsilon":
         raise ValueError(f"bits_per_dim needs an ε-predicting model; the scheduler's "
                          f"prediction_type is {schedule.prediction_type!r}")
@@ -287,7 +301,8 @@ def bits_per_dim(unet, schedule: Schedule, x0: torch.Tensor, variance: str = "fi
             x0_pred = x0_pred.clamp(-schedule.clip_range, schedule.clip_range)
         mean = c1[t] * x0_pred + c2[t] * xt
         if t == 0:
-            ll = _discretized_gaussian_log_likelihood(x0, mean, 0.5 * model_logvar[t])
+            ll = _discretized_gaussian_log_likelihood(x0, mean, 0.5 * model_logvar[t],
+                                                      exact_cdf)
             return -ll.flatten(1).mean(1)
         kl = _normal_kl(c1[t] * x0 + c2[t] * xt, post_logvar[t], mean, model_logvar[t])
         return kl.flatten(1).mean(1)

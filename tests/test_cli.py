@@ -258,3 +258,19 @@ def test_convert_ddim_repo_checkpoint_ema_or_raw(tmp_path, capsys):
         assert f"weights: {tmp_path / 'ckpt.pth'}: {word}" in text
         with torch.no_grad():
             torch.testing.assert_close(load_unet(out)(x, t), model(x, t), rtol=1e-5, atol=1e-6)
+
+
+def test_eval_exact_cdf_switches_the_decoder_term(tmp_path, capsys):
+    # an RGB model: no digit-quality scores, only the bound
+    torch.manual_seed(0)
+    config = type(DIGITS_CONFIG)(**{**DIGITS_CONFIG.__dict__, "in_channels": 3, "out_channels": 3})
+    save_pretrained(UNet2DModel(config), tmp_path / "rgb")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), np.uint8))
+    results = []
+    for flag in ((), ("--exact-cdf",)):
+        code, out, err = run(capsys, "eval", "--model", tmp_path / "rgb", "--data",
+                             tmp_path / "x.npy", "--terms", 2, *flag)
+        assert code == 0, err
+        results.append(json.loads(out)["bits_per_dim"])
+    tanh, erf = results
+    assert tanh["kl"] == erf["kl"] and tanh["decoder"] != erf["decoder"]

@@ -2,6 +2,7 @@
 checkpoint write that dies half-way leaves the previous checkpoint loadable."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,6 +126,68 @@ def test_bits_per_dim_of_shipped_model_beats_untrained():
     assert torch.isfinite(trained["total"]).all() and 2.0 < t < 6.0
     assert t < untrained["total"].mean().item() - 1.0
     assert trained["prior"].max() < 1e-3            # L_T ≈ 0 for the linear schedule
+
+
+def _original_discretized_ll(x, means, log_scales):
+    """Ho et al.'s diffusion_utils_2.discretized_gaussian_log_likelihood, transcribed to numpy
+    float64 element by element (its approx_standard_normal_cdf included)."""
+    import math
+
+    def approx_cdf(v):
+        return 0.5 * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+
+    out = np.empty_like(x)
+    for i, (xi, m, ls) in enumerate(zip(x.flat, means.flat, log_scales.flat)):
+        inv_stdv = math.exp(-ls)
+        cdf_plus = approx_cdf(inv_stdv * (xi - m + 1. / 255.))
+        cdf_min = approx_cdf(inv_stdv * (xi - m - 1. / 255.))
+        if xi < -0.999:
+            out.flat[i] = math.log(max(cdf_plus, 1e-12))
+        elif xi > 0.999:
+            out.flat[i] = math.log(max(1. - cdf_min, 1e-12))
+        else:
+            out.flat[i] = math.log(max(cdf_plus - cdf_min, 1e-12))
+    return out
+
+
+def test_decoder_uses_the_original_tanh_cdf_and_exact_is_an_option():
+    import math
+
+    from ddpm_fast.training import (_discretized_gaussian_log_likelihood,
+                                    approx_standard_normal_cdf, standard_normal_cdf)
+
+    v = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    want = [0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a ** 3))) for a in v.tolist()]
+    torch.testing.assert_close(approx_standard_normal_cdf(v), torch.tensor(want, dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+    exact = [0.5 * (1 + math.erf(a / math.sqrt(2))) for a in v.tolist()]
+    torch.testing.assert_close(standard_normal_cdf(v), torch.tensor(exact, dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+    assert 1e-5 < (approx_standard_normal_cdf(v) - standard_normal_cdf(v)).abs().max() < 1e-3
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(0, 256, (2, 1, 6, 6), generator=g).double() / 127.5 - 1)
+    x[0, 0, 0, :2] = torch.tensor([-1.0, 1.0])                # both edge bins
+    mean = x + 0.02 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    log_scale = torch.full_like(x, math.log(0.01))
+    ours = _discretized_gaussian_log_likelihood(x, mean, log_scale)
+    ref = _original_discretized_ll(x.numpy(), mean.numpy(), log_scale.numpy())
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-12, atol=1e-12)
+    erf = _discretized_gaussian_log_likelihood(x, mean, log_scale, exact_cdf=True)
+    assert not torch.allclose(erf, ours, rtol=0, atol=1e-6)
+
+    # the bits/dim keyword switches the decoder term only (same noise, same KL terms)
+    from ddpm_fast.schedule import Schedule
+    from ddpm_fast.training import bits_per_dim
+
+    torch.manual_seed(0)
+    model, s = _model().eval(), Schedule.linear()
+    x8 = digits_dataset(8, "test")[:4]
+    x8 = ((x8 + 1) * 127.5).round() / 127.5 - 1
+    a = bits_per_dim(model, s, x8, num_terms=3, generator=torch.Generator().manual_seed(0))
+    b = bits_per_dim(model, s, x8, num_terms=3, generator=torch.Generator().manual_seed(0),
+                     exact_cdf=True)
+    assert torch.equal(a["kl"], b["kl"]) and not torch.equal(a["decoder"], b["decoder"])
 
 
 def _ddp_worker(rank, world_size, init_file, out_dir, result_dir):
