@@ -87,9 +87,11 @@ class NoiseSource:
 def sample_loop(model: Model, table: torch.Tensor, timesteps: Sequence[int], noise: NoiseSource,
                 *, clip: bool = True, x_T: Optional[torch.Tensor] = None,
                 intermediates_every: int = 0, progress=None,
-                threshold: Optional[tuple] = None) -> SampleOutput:
+                threshold: Optional[tuple] = None, draw_every_step: bool = False) -> SampleOutput:
     """Run the steps of `table` (one row per timestep) from x_T down to x_0. `threshold` =
-    (ratio, max value) applies dynamic thresholding to x̂0 instead of clipping (torch ops)."""
+    (ratio, max value) applies dynamic thresholding to x̂0 instead of clipping (torch ops).
+    A generator's noise is drawn for the steps whose σ is not 0, or for every step with
+    draw_every_step (diffusers' DDIMScheduler with η > 0 draws even where σ = 0)."""
     device = noise.device
     table = table.to(device)
     host_table = table.cpu()
@@ -100,7 +102,7 @@ def sample_loop(model: Model, table: torch.Tensor, timesteps: Sequence[int], noi
         t_tensor = torch.tensor(t, dtype=torch.int64, device=device)
         eps = model(x, t_tensor)
         # diffusers draws the step's noise after the model call and only when it is used
-        z = noise.step_noise() if host_table[i, SIGMA] != 0 else None
+        z = noise.step_noise() if draw_every_step or host_table[i, SIGMA] != 0 else None
         if intermediates_every and (i % intermediates_every == 0 or i == len(timesteps) - 1):
             x0 = (predict_x0(x, eps, table[i], clip) if threshold is None
                   else threshold_sample(predict_x0(x, eps, table[i], False), *threshold))
@@ -135,13 +137,15 @@ def ddim_sample(model: Model, schedule: Schedule, shape, *, num_inference_steps:
                 clip: bool = True, device="cpu", x_T=None, intermediates_every: int = 0,
                 progress=None) -> SampleOutput:
     """DDIM (Song et al. 2021) over `num_inference_steps` of the schedule's timesteps; η = 1 is
-    DDPM-like stochastic, η = 0 deterministic."""
+    DDPM-like stochastic, η = 0 deterministic. With a generator and "diffusers" numerics this is
+    diffusers' DDIMPipeline with DDIMScheduler.from_config(the DDPM config) (schedule.ddim_table;
+    noise drawn after each model call, at every step when η > 0, as its step draws it)."""
     timesteps = schedule.timesteps(num_inference_steps)
     table = schedule.ddim_table(timesteps, eta, device)
     noise = NoiseSource(shape, device, generator, seed, first_image, schedule.num_timesteps)
     return sample_loop(model, table, timesteps, noise, clip=clip, x_T=x_T,
                        intermediates_every=intermediates_every, progress=progress,
-                       threshold=schedule.threshold)
+                       threshold=schedule.threshold, draw_every_step=eta > 0)
 
 
 def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor

@@ -315,34 +315,44 @@ class Schedule:
         return rows.to(device)
 
     def ddim_table(self, timesteps: Sequence[int], eta: float = 0.0, device="cpu") -> torch.Tensor:
-        """DDIM (Song et al. 2021) coefficients in float64: x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·ε̂ + σ z,
-        ε̂ the model's noise estimate (for v- and sample-prediction a combination of x and the
-        output, folded into C1 and C2; from the unclipped output, as diffusers' DDIMScheduler)."""
+        """DDIM (Song et al. 2021) coefficients as diffusers' DDIMScheduler.step forms them for a
+        DDIMScheduler.from_config of this DDPM config (set_alpha_to_one=True, the same
+        steps_offset and spacing): x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε̂ + σ z with
+        σ = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)), where t_prev = t − T // n (n = len(timesteps),
+        the steps of a run from timesteps(n); diffusers' rule, which under "linspace"/"trailing"
+        spacing is not the run's next timestep) and ᾱ_prev = 1 below t = 0. ε̂ is the model's
+        noise estimate (for v- and sample-prediction a combination of x and the output, folded
+        into C1 and C2; from the unclipped output, as diffusers). "diffusers" numerics repeat
+        its float32 operations (ε-prediction: bit for bit), "float64" forms them in float64."""
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         ts = self._check_timesteps(timesteps)
-        prev = ts[1:] + [-1]
-        abar = self._f64("alphas_cumprod")
+        ratio = self.num_timesteps // len(ts)
+        f32 = self.numerics == "diffusers"
+        dtype = torch.float32 if f32 else torch.float64
+        abar = torch.cumprod(1.0 - self.betas.float(), dim=0) if f32 else self._f64("alphas_cumprod")
+        one = torch.tensor(1.0, dtype=dtype)
         a_t = abar[ts]
-        a_prev = torch.stack([abar[p] if p >= 0 else torch.tensor(1.0, dtype=torch.float64)
-                              for p in prev])
-        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        sigma = eta * var.clamp(min=0).sqrt()
-        rows = torch.zeros(len(ts), COEF_COLS, dtype=torch.float64)
-        self._x0_columns(rows, a_t.sqrt(), (1 - a_t).sqrt())
-        c_eps = (1 - a_prev - sigma ** 2).clamp(min=0).sqrt()
-        # ε̂ = E·x + F·out
-        if self.prediction_type == "epsilon":
-            e, f = torch.zeros_like(a_t), torch.ones_like(a_t)
-        elif self.prediction_type == "v_prediction":
-            e, f = (1 - a_t).sqrt(), a_t.sqrt()
-        else:  # sample: ε̂ = (x − √ᾱ·x0) / √(1−ᾱ)
-            e, f = 1 / (1 - a_t).sqrt(), -a_t.sqrt() / (1 - a_t).sqrt()
-        rows[:, C0] = a_prev.sqrt()
-        rows[:, C1] = c_eps * e
-        rows[:, C2] = c_eps * f
+        a_prev = torch.stack([abar[t - ratio] if t - ratio >= 0 else one for t in ts])
+        beta_prod_t = 1 - a_t
+        beta_prod_prev = 1 - a_prev
+        # the order of DDIMScheduler._get_variance and step
+        var = (beta_prod_prev / beta_prod_t) * (1 - a_t / a_prev)
+        sigma = eta * var.clamp(min=0) ** 0.5
+        c_eps = (1 - a_prev - sigma ** 2).clamp(min=0) ** 0.5
+        rows = torch.zeros(len(ts), COEF_COLS, dtype=dtype)
+        self._x0_columns(rows, a_t ** 0.5, beta_prod_t ** 0.5)
+        rows[:, C0] = a_prev ** 0.5
+        if self.prediction_type == "epsilon":                # ε̂ = the output
+            rows[:, C2] = c_eps
+        elif self.prediction_type == "v_prediction":         # ε̂ = √ᾱ·v + √(1−ᾱ)·x
+            rows[:, C1] = c_eps * beta_prod_t ** 0.5
+            rows[:, C2] = c_eps * a_t ** 0.5
+        else:                                                # sample: ε̂ = (x − √ᾱ·out) / √(1−ᾱ)
+            rows[:, C1] = c_eps / beta_prod_t ** 0.5
+            rows[:, C2] = -(c_eps * a_t ** 0.5 / beta_prod_t ** 0.5)
         rows[:, SIGMA] = sigma
-        rows[:, T_COL] = torch.tensor(ts, dtype=torch.float64)
+        rows[:, T_COL] = torch.tensor(ts, dtype=dtype)
         return rows.float().to(device)
 
     def _x0_columns(self, rows, sqrt_abar, sqrt_one_minus_abar) -> None:

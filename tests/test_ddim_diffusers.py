@@ -1,0 +1,74 @@
+"""ddpm_fast's DDIM extra (sampler="ddim" with the folder's DDPM scheduler config) is diffusers'
+DDIMPipeline with DDIMScheduler.from_config(that config): the same images for the same
+torch.Generator in reference mode, and fast mode runs the same table."""
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast.sampling import ddim_sample
+
+diffusers = pytest.importorskip("diffusers")
+
+CASES = {                       # DDPM scheduler settings, η
+    "eta0": ({}, 0.0),
+    "eta1": ({}, 1.0),
+    "trailing_eta1": ({"timestep_spacing": "trailing"}, 1.0),      # t_prev = t − T//n, not the run's
+    "linspace_eta0": ({"timestep_spacing": "linspace", "clip_sample": False}, 0.0),
+    "leading_offset_eta1": ({"steps_offset": 1, "beta_schedule": "squaredcos_cap_v2"}, 1.0),
+}
+
+
+def _pipelines(tmp_path, unet, settings):
+    ddpm = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**settings))
+    ddpm.save_pretrained(tmp_path)
+    ddim = diffusers.DDIMPipeline(unet=unet,
+                                  scheduler=diffusers.DDIMScheduler.from_config(ddpm.scheduler.config))
+    ddim.set_progress_bar_config(disable=True)
+    return ddim, ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reference_ddim_equals_diffusers_ddim_pipeline(tmp_path, tiny_diffusers_unet, case):
+    settings, eta = CASES[case]
+    theirs, ours = _pipelines(tmp_path, tiny_diffusers_unet, settings)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        a = theirs(batch_size=2, generator=g1, eta=eta, num_inference_steps=10,
+                   output_type="pt").images
+    b = ours(batch_size=2, generator=g2, sampler="ddim", eta=eta, num_inference_steps=10,
+             output_type="pt").images
+    assert torch.equal(a, b), (a - b).abs().max()
+    # the same draws: the generators end in the same state (η > 0 draws at every step)
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_ddim_sample_x_equals_diffusers_before_output_scaling(tmp_path, tiny_diffusers_unet):
+    # the sampler itself (model space, before (x/2 + 1/2).clamp): every step's arithmetic
+    theirs, ours = _pipelines(tmp_path, tiny_diffusers_unet, {})
+    sched = theirs.scheduler
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((1, 3, 16, 16), generator=g)
+    sched.set_timesteps(10)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(tiny_diffusers_unet(x, t).sample, t, x, eta=1.0, generator=g).prev_sample
+    mine = ddim_sample(ours.unet, ours.schedule, (1, 3, 16, 16), num_inference_steps=10, eta=1.0,
+                       generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(x, mine)
+
+
+def test_fast_mode_ddim_table_matches_reference(tmp_path, tiny_diffusers_unet):
+    # fast mode reads the same table in float64 numerics; with the same Philox seed it agrees
+    _, ref = _pipelines(tmp_path, tiny_diffusers_unet, {"timestep_spacing": "trailing"})
+    ref64 = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, numerics="float64")
+    fast = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, mode="fast", dtype=torch.float32,
+                                                  use_graphs=False, compile=False)
+    ts = ref.schedule.timesteps(10)
+    for eta in (0.0, 0.5, 1.0):
+        torch.testing.assert_close(ref.schedule.ddim_table(ts, eta),
+                                   ref64.schedule.ddim_table(ts, eta), rtol=1e-5, atol=1e-6)
+    kw = dict(batch_size=2, seed=4, sampler="ddim", eta=1.0, num_inference_steps=10,
+              output_type="pt")
+    a, b, c = ref(**kw).images, ref64(**kw).images, fast(**kw).images
+    # float32 against float64 coefficients; fast mode's fused step and convolutions
+    assert (a - b).abs().max() <= 5e-4 and (b - c).abs().max() <= 5e-4
