@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoints, memory
-from .sampling import ddim_sample, ddpm_sample
+from .sampling import NoiseSource, ddim_sample, ddpm_sample, sample_loop
 from .schedule import Schedule, check_scheduler_config
 from .unet import UNet2DModel
 
@@ -73,34 +73,245 @@ def positive_int(value, name: str) -> int:
 
 
 class DDPMPipeline:
-    def __init__(self, unet: UNet2DModel, scheduler_config: Optional[dict] = None, *,
+    """diffusers' DDPMPipeline surface: from_pretrained(path, torch_dtype=…), .to(device, dtype),
+    pipe.device / pipe.dtype / pipe.unet / pipe.scheduler / pipe.components,
+    set_progress_bar_config, save_pretrained, and __call__ → .images (README: "The drop-in
+    pipeline"). `pipe.scheduler` may be swapped for a DDPMScheduler or DDIMScheduler (diffusers'
+    or ddpm_fast.schedulers'): its settings are honoured or refused by name."""
+
+    def __init__(self, unet: UNet2DModel, scheduler_config=None, *,
                  mode: str = "reference", device=None, numerics: Optional[str] = None,
                  dtype: Optional[torch.dtype] = None, use_graphs: Optional[bool] = None,
                  compile: Optional[bool] = None, autotune_convs: Optional[bool] = None,
-                 kernels: Optional[str] = None):
+                 kernels: Optional[str] = None, scheduler=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if scheduler is not None and scheduler_config is not None:
+            raise ValueError("pass scheduler_config (a dict) or scheduler (an object), not both")
         self.mode = mode
         self.device = torch.device(device) if device is not None else unet.device
         self.unet = unet.to(self.device).eval()
-        self.scheduler_config = dict(scheduler_config or checkpoints.DEFAULT_SCHEDULER)
-        numerics = numerics or ("diffusers" if mode == "reference" else "float64")
-        # every DDPMScheduler setting is honoured or refused here, by name (never ignored)
-        settings = check_scheduler_config(self.scheduler_config)
-        self.schedule = Schedule.from_scheduler_config(settings, numerics)
-        self.variance = settings["variance_type"]
-        self.clip = settings["clip_sample"]
-        if mode == "fast" and self.schedule.threshold is not None:
+        self.numerics = numerics or ("diffusers" if mode == "reference" else "float64")
+        self._fast_args = dict(dtype=None, use_graphs=use_graphs, compile=compile,
+                               autotune_convs=autotune_convs, kernels=kernels)
+        self._runner = None
+        self._progress_bar_config: dict = {}
+        self.last_peak_memory: Optional[int] = None   # bytes, after each call (ddpm_fast.memory)
+        # the scheduler: a config dict (a folder's scheduler_config.json) or a scheduler object
+        if scheduler is None and scheduler_config is not None and \
+                not isinstance(scheduler_config, dict) and hasattr(scheduler_config, "config"):
+            scheduler, scheduler_config = scheduler_config, None
+        if scheduler is not None:
+            self.scheduler = scheduler
+        else:
+            self._set_scheduler("ddpm", dict(scheduler_config or checkpoints.DEFAULT_SCHEDULER),
+                                None)
+        if dtype is not None:
+            self._set_dtype(dtype)
+
+    def _set_scheduler(self, kind: str, config: dict, obj) -> None:
+        """Validate a scheduler's settings (every one honoured or refused by name) and switch
+        the sampler to it; nothing changes when a setting is refused."""
+        from .schedulers import DDIMScheduler, DDPMScheduler, ddpm_part
+
+        if kind == "ddpm":
+            settings = check_scheduler_config(config)
+            ddpm_config, ddim_extra = config, None
+        else:
+            settings = config                        # schedulers.ddim_settings' output
+            ddpm_config = ddpm_part(settings)
+            ddim_extra = {"set_alpha_to_one": settings["set_alpha_to_one"]}
+        schedule = Schedule.from_scheduler_config(ddpm_config, self.numerics)
+        if self.mode == "fast" and schedule.threshold is not None:
             raise ValueError("scheduler setting thresholding=True is not supported in fast mode "
                              "(its per-image quantile is not in the fused step); use "
                              "mode='reference', which honours it")
-        self._fast_args = dict(dtype=dtype, use_graphs=use_graphs, compile=compile,
-                               autotune_convs=autotune_convs, kernels=kernels)
-        self._runner = None
-        self.last_peak_memory: Optional[int] = None   # bytes, after each call (ddpm_fast.memory)
+        if obj is None:
+            cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
+            obj = cls.from_config({k: v for k, v in settings.items()})
+        self.scheduler_config = ddpm_config
+        self.schedule = schedule
+        self.variance = settings.get("variance_type", "fixed_small")
+        self.clip = settings["clip_sample"]
+        self._ddim = ddim_extra                      # None: the scheduler is a DDPMScheduler
+        self._scheduler = obj
 
+    @property
+    def scheduler(self):
+        """The scheduler object (diffusers' meaning): read `.config`, or assign a diffusers or
+        ddpm_fast DDPMScheduler / DDIMScheduler to change the sampler."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        from .schedulers import read_scheduler
+
+        kind, settings = read_scheduler(scheduler)
+        self._set_scheduler(kind, settings, scheduler)
+
+    # ------------------------------------------------------------------ device and dtype
+    @property
+    def dtype(self) -> torch.dtype:
+        """The U-Net's compute dtype: the weights' dtype in reference mode; in fast mode the
+        runner's (set by .to(dtype) / dtype= / torch_dtype=, else fast.default_dtype)."""
+        if self.mode == "reference":
+            return self.unet.dtype
+        if self._fast_args["dtype"] is not None:
+            return self._fast_args["dtype"]
+        from .fast import default_dtype
+
+        return default_dtype(self.device)
+
+    def _set_dtype(self, dtype) -> None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if self.mode == "reference":
+            # diffusers runs the U-Net in this dtype: so does reference mode (weights cast, as
+            # diffusers casts them); x_t and the sampler step stay float32 (diffusers: dtype too)
+            self.unet.to(dtype)
+        else:
+            self._fast_args["dtype"] = dtype     # fast mode keeps fp32 master weights
+        self._runner = None
+
+    def to(self, *args, **kwargs) -> "DDPMPipeline":
+        """diffusers' .to: to(device), to(dtype), to(device, dtype), to(device=, dtype=).
+        Moves the U-Net (and casts it in reference mode), rebuilds the fast runner on the next
+        call, and returns self. See `dtype` for what a dtype means in each mode."""
+        dtype = kwargs.pop("dtype", None)
+        device = kwargs.pop("device", None)
+        kwargs.pop("silence_dtype_warnings", None)
+        if kwargs:
+            raise TypeError(f"to() got unexpected keyword arguments: {', '.join(kwargs)}")
+        if len(args) > 2:
+            raise ValueError("to() takes at most two arguments (device, dtype)")
+        arg_device = arg_dtype = None
+        if len(args) == 1:
+            if isinstance(args[0], torch.dtype):
+                arg_dtype = args[0]
+            else:
+                arg_device = args[0]
+        elif len(args) == 2:
+            if isinstance(args[0], torch.dtype):
+                raise ValueError("to(a, b): the first argument is the device, the second dtype")
+            arg_device, arg_dtype = args
+        if dtype is not None and arg_dtype is not None:
+            raise ValueError("dtype given both as an argument and as a keyword")
+        if device is not None and arg_device is not None:
+            raise ValueError("device given both as an argument and as a keyword")
+        dtype = dtype if dtype is not None else arg_dtype
+        device = device if device is not None else arg_device
+        if device is not None:
+            device = torch.device(device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            self.unet.to(device)
+            self.device = device
+            self._runner = None
+        if dtype is not None:
+            self._set_dtype(dtype)
+        return self
+
+    @property
+    def components(self) -> dict:
+        """{"unet": …, "scheduler": …}: DDPMPipeline(**pipe.components) builds the same pipeline."""
+        return {"unet": self.unet, "scheduler": self.scheduler}
+
+    # ------------------------------------------------------------------ progress bar
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm arguments for the progress bar a call shows (disable=True: none), as diffusers."""
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, iterable=None, total=None):
+        """A tqdm bar with set_progress_bar_config's arguments (diffusers' method); by default
+        shown on torch.distributed rank 0 only, as diffusers."""
+        from tqdm.auto import tqdm
+
+        config = dict(self._progress_bar_config)
+        if "disable" not in config:
+            dist = torch.distributed
+            config["disable"] = (dist.is_available() and dist.is_initialized()
+                                 and dist.get_rank() != 0)
+        if iterable is not None:
+            return tqdm(iterable, **config)
+        if total is not None:
+            return tqdm(total=total, **config)
+        raise ValueError("Either `total` or `iterable` has to be defined.")
+
+    @staticmethod
+    def numpy_to_pil(images):
+        """[B, H, W, C] (or [H, W, C]) floats in [0, 1] → PIL images (diffusers' helper)."""
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        return to_output(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1, "pil")
+
+    # ------------------------------------------------------------------ diffusers' knobs
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
+        """A no-op: fast mode's attention is already a fused memory-efficient kernel (flash-style
+        online softmax on GPUs), and reference mode keeps torch's attention for exact images."""
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        """A no-op (see enable_xformers_memory_efficient_attention)."""
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        """A no-op: the U-Net's attention maps (16×16 and smaller) are small; for memory, pass
+        a smaller batch_size (batch_size="auto" picks the largest that fits)."""
+
+    def disable_attention_slicing(self) -> None:
+        """A no-op (see enable_attention_slicing)."""
+
+    def _no_offload(self, *args, **kwargs):
+        raise NotImplementedError(
+            "CPU offload is not supported: the pipeline holds one U-Net (36 M parameters for "
+            "CIFAR-10, 114 M at 256×256), which fits any GPU; use pipe.to('cuda') instead")
+
+    enable_model_cpu_offload = enable_sequential_cpu_offload = _no_offload
+    enable_group_offload = _no_offload
+
+    def maybe_free_model_hooks(self) -> None:
+        """A no-op: no offload hooks are ever installed."""
+
+    # Names of diffusers' DiffusionPipeline and what to use here instead.
+    _DIFFUSERS_ONLY = {
+        "vae": "a DDPM pipeline has no VAE (it samples pixels)",
+        "text_encoder": "a DDPM pipeline is unconditional: no text encoder",
+        "tokenizer": "a DDPM pipeline is unconditional: no tokenizer",
+        "config": "the pipeline's parts are pipe.components; the U-Net's settings are "
+                  "pipe.unet.config, the scheduler's pipe.scheduler.config",
+        "_execution_device": "use pipe.device",
+        "hf_device_map": "the pipeline runs on one device: pipe.device",
+        "fuse_qkv_projections": "fast mode fuses q/k/v itself (one GEMM per attention block)",
+        "enable_freeu": "FreeU is not implemented (it changes the images)",
+        "from_pipe": "use DDPMPipeline(**pipe.components)",
+    }
+    _SURFACE = ("from_pretrained", "save_pretrained", "__call__", "to", "device", "dtype", "unet",
+                "scheduler", "components", "progress_bar", "set_progress_bar_config",
+                "numpy_to_pil", "mode", "max_batch_size", "last_peak_memory")
+
+    def __getattr__(self, name: str):
+        # only reached when normal lookup fails; dunder and private names stay plain (copy,
+        # pickle and hasattr probe them)
+        if name.startswith("__") or (name.startswith("_") and name not in self._DIFFUSERS_ONLY):
+            raise AttributeError(name)
+        why = self._DIFFUSERS_ONLY.get(name)
+        raise AttributeError(
+            f"ddpm_fast's DDPMPipeline has no attribute {name!r}" + (f": {why}" if why else "")
+            + f". Its diffusers surface: {', '.join(self._SURFACE)}; no-ops: "
+            "enable/disable_xformers_memory_efficient_attention, enable/disable_attention_slicing"
+            " (README, 'The drop-in pipeline')")
+
+    # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "DDPMPipeline":
+        """A folder (diffusers format, an original DDPM checkpoint or our training run).
+        torch_dtype= is diffusers' argument (the U-Net's dtype: see `dtype`); dtype= says the
+        same (both given: they must agree)."""
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        if torch_dtype is not None:
+            if kwargs.get("dtype") not in (None, torch_dtype):
+                raise ValueError(f"torch_dtype={torch_dtype} and dtype={kwargs['dtype']} "
+                                 "disagree")
+            kwargs["dtype"] = torch_dtype
         device = kwargs.get("device") or "cpu"
         # weights="raw": a checkpoint's trained weights instead of its EMA (checkpoints.load_unet)
         unet = checkpoints.load_unet(path, device=device, weights=kwargs.pop("weights", "ema"))
@@ -121,6 +332,10 @@ class DDPMPipeline:
         return cls(unet.to(kwargs.get("device") or "cpu"), scheduler_config, **kwargs)
 
     def save_pretrained(self, path) -> None:
+        if self._ddim is not None:
+            raise ValueError("save_pretrained writes a DDPMScheduler folder; pipe.scheduler is a "
+                             "DDIMScheduler: set a DDPMScheduler back (e.g. ddpm_fast.schedulers."
+                             "DDPMScheduler.from_config(pipe.scheduler.config)) before saving")
         checkpoints.save_pretrained(self.unet, path, self.scheduler_config)
 
     @property
@@ -137,49 +352,88 @@ class DDPMPipeline:
         (measured on CUDA, estimated on CPU: see ddpm_fast.memory)."""
         from .memory import max_batch_size
 
-        dtype = self.runner.dtype if self.mode == "fast" else torch.float32
-        return max_batch_size(self.unet, self.device, dtype, fraction)
+        return max_batch_size(self.unet, self.device, self.dtype, fraction)
+
+    def _model(self):
+        """The U-Net as the reference samplers call it: float32 x_t, cast to the U-Net's dtype."""
+        if self.unet.dtype == torch.float32:
+            return self.unet
+        unet, dtype = self.unet, self.unet.dtype
+        return lambda x, t: unet(x.to(dtype), t)
 
     @torch.no_grad()
     def __call__(self, batch_size: int | str = 1, generator=None, num_inference_steps: int = 1000,
                  output_type: str = "pil", return_dict: bool = True, *, seed: Optional[int] = None,
-                 first_image: int = 0, sampler: str = "ddpm", eta: float = 0.0,
+                 first_image: int = 0, sampler: Optional[str] = None, eta: float = 0.0,
+                 use_clipped_model_output: Optional[bool] = None,
                  variance: Optional[str] = None, clip: Optional[bool] = None, progress=None):
+        """sampler: "ddpm" or "ddim", by default the scheduler's (pipe.scheduler: a
+        DDIMScheduler samples DDIM exactly as diffusers' DDIMScheduler.step, with eta and
+        use_clipped_model_output as in DDIMPipeline). sampler="ddim" with a DDPMScheduler is
+        ddpm_fast's DDIM extra (schedule.ddim_table). progress: a callable taking the number of
+        finished steps; without it a tqdm bar is shown as in diffusers
+        (set_progress_bar_config(disable=True) hides it)."""
         if batch_size == "auto":
             batch_size = self.max_batch_size()
         batch_size = positive_int(batch_size, "batch_size")
         num_inference_steps = positive_int(num_inference_steps, "num_inference_steps")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if sampler is None:
+            sampler = "ddpm" if self._ddim is None else "ddim"
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        scheduler_ddim = sampler == "ddim" and self._ddim is not None
+        if use_clipped_model_output and not scheduler_ddim:
+            raise ValueError("use_clipped_model_output is a DDIMScheduler argument: set "
+                             "pipe.scheduler to a DDIMScheduler to use it")
         variance = variance or self.variance
         if clip is not None and self.schedule.threshold is not None:
             raise ValueError("clip= has no effect: the scheduler's thresholding replaces x̂0 "
                              "clipping (as in diffusers); leave clip unset")
         clip = self.clip if clip is None else clip
         timesteps = self.schedule.timesteps(num_inference_steps)   # validates the step count
+        if scheduler_ddim:
+            from .schedulers import ddim_table
+
+            table = ddim_table(self.schedule, timesteps, eta, self._ddim["set_alpha_to_one"],
+                               bool(use_clipped_model_output))
+        elif sampler == "ddim":
+            table = self.schedule.ddim_table(timesteps, eta)
+        else:
+            table = self.schedule.step_table(timesteps, variance)
         c = self.unet.config
         shape = (batch_size, c.in_channels, c.sample_size, c.sample_size)
         memory.reset_peak(self.device)
         if self.mode == "fast" and seed is None:
             seed = draw_seed(generator)
-
-        if self.mode == "fast":
-            table = (self.schedule.ddim_table(timesteps, eta) if sampler == "ddim"
-                     else self.schedule.step_table(timesteps, variance))
-            x = self.runner.sample(table, timesteps, batch_size, seed, first_image, clip,
-                                   num_train_timesteps=self.schedule.num_timesteps,
-                                   progress=progress)
-        else:
-            common = dict(generator=None if seed is not None else generator, seed=seed,
-                          first_image=first_image, num_inference_steps=num_inference_steps,
-                          clip=clip, device=self.device, progress=progress)
-            if sampler == "ddim":
-                x = ddim_sample(self.unet, self.schedule, shape, eta=eta, **common).images
+        bar = None
+        if progress is None:
+            bar = self.progress_bar(total=len(timesteps))
+            progress = bar.update
+        try:
+            if self.mode == "fast":
+                x = self.runner.sample(table, timesteps, batch_size, seed, first_image, clip,
+                                       num_train_timesteps=self.schedule.num_timesteps,
+                                       progress=progress)
+            elif scheduler_ddim:
+                noise = NoiseSource(shape, self.device, None if seed is not None else generator,
+                                    seed, first_image, self.schedule.num_timesteps)
+                x = sample_loop(self._model(), table, timesteps, noise, clip=clip,
+                                progress=progress, threshold=self.schedule.threshold).images
             else:
-                x = ddpm_sample(self.unet, self.schedule, shape, variance=variance,
-                                **common).images
+                common = dict(generator=None if seed is not None else generator, seed=seed,
+                              first_image=first_image, num_inference_steps=num_inference_steps,
+                              clip=clip, device=self.device, progress=progress)
+                if sampler == "ddim":
+                    x = ddim_sample(self._model(), self.schedule, shape, eta=eta,
+                                    **common).images
+                else:
+                    x = ddpm_sample(self._model(), self.schedule, shape, variance=variance,
+                                    **common).images
+        finally:
+            if bar is not None:
+                bar.close()
         self.last_peak_memory = memory.peak_bytes(self.device)
         images = to_output(x, output_type)
         return ImagePipelineOutput(images) if return_dict else (images,)
@@ -203,7 +457,7 @@ class DDPMPipeline:
         def step(i):
             i %= len(timesteps)
             with torch.no_grad():
-                eps = self.unet(state["x"], torch.tensor(timesteps[i], device=self.device))
+                eps = self._model()(state["x"], torch.tensor(timesteps[i], device=self.device))
                 noise = torch.randn_like(state["x"])
                 state["x"] = ddpm_step(state["x"], eps, table, steps[i:i + 1], key, noise, self.clip)
 

@@ -1,0 +1,224 @@
+"""`pipe.scheduler`: diffusers-style scheduler objects for the drop-in DDPMPipeline.
+
+A diffusers user reads `pipe.scheduler.config` and swaps `pipe.scheduler` (for example
+`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`). These classes are light
+holders of a validated config with diffusers' names (no diffusers import): `DDPMScheduler`
+(every setting of check_scheduler_config) and `DDIMScheduler` (the same settings without
+`variance_type`, plus `set_alpha_to_one`). The pipeline samples with its own step tables; a
+scheduler object of either library is read through its `.config` alone (duck typing) and its
+class name, and every setting is honoured or refused by name.
+
+DDIM follows diffusers' DDIMScheduler.step exactly: the previous timestep is
+t − num_train_timesteps // num_inference_steps (not the next timestep of the run, which differs
+under "trailing"/"linspace" spacing), ᾱ before the first step is 1 (set_alpha_to_one) or ᾱ_0,
+and "diffusers" numerics form every coefficient with its float32 operations.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .schedule import (C0, C1, C2, COEF_COLS, DDPM_SCHEDULER_DEFAULTS, SIGMA, T_COL, Schedule,
+                       check_scheduler_config)
+
+# DDIMScheduler's arguments (diffusers 0.42) with their defaults.
+DDIM_SCHEDULER_DEFAULTS = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+    "beta_schedule": "linear", "trained_betas": None, "clip_sample": True,
+    "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon",
+    "thresholding": False, "dynamic_thresholding_ratio": 0.995, "clip_sample_range": 1.0,
+    "sample_max_value": 1.0, "timestep_spacing": "leading", "rescale_betas_zero_snr": False,
+}
+# diffusers' DDIMScheduler raises NotImplementedError for the other DDPM beta schedules
+DDIM_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler")
+
+
+class FrozenConfig(OrderedDict):
+    """A read-only mapping with attribute access, like diffusers' FrozenDict: `dict(config)`,
+    `config["beta_end"]`, `config.beta_end` and `XScheduler.from_config(config)` all work."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        for key, value in dict(*args, **kwargs).items():
+            OrderedDict.__setitem__(self, key, value)
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"scheduler config has no setting {name!r}") from None
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a scheduler config is read-only (as diffusers' FrozenDict): build a new "
+                        "scheduler with XScheduler.from_config(config, setting=value)")
+
+    __setitem__ = __delitem__ = __setattr__ = _refuse
+    setdefault = pop = popitem = update = clear = _refuse
+
+    def __reduce__(self):
+        return (FrozenConfig, (list(self.items()),))
+
+
+def ddim_settings(config: dict) -> dict:
+    """Every DDIMScheduler setting of a config (defaults filled in), or a ValueError naming the
+    first one not honoured. The settings shared with DDPMScheduler go through
+    check_scheduler_config; `variance_type` (a DDPMScheduler key that DDIMScheduler.from_config
+    drops with a warning) is dropped here too."""
+    if not isinstance(config, dict):
+        raise ValueError(f"scheduler config must be a dict, got {type(config).__name__}")
+    used_defaults = config.get("_use_default_values", [])
+    given = {k: v for k, v in config.items()
+             if not k.startswith("_") and k not in used_defaults and k != "variance_type"}
+    unknown = sorted(k for k in given if k not in DDIM_SCHEDULER_DEFAULTS)
+    if unknown:
+        raise ValueError(f"scheduler setting {unknown[0]!r} is not a DDIMScheduler setting and "
+                         "is not honoured")
+    cfg = {**DDIM_SCHEDULER_DEFAULTS, **given}
+    if not isinstance(cfg["set_alpha_to_one"], bool):
+        raise ValueError(f"scheduler setting set_alpha_to_one={cfg['set_alpha_to_one']!r} is not "
+                         "supported: must be true or false")
+    if cfg["trained_betas"] is None and cfg["beta_schedule"] not in DDIM_BETA_SCHEDULES:
+        raise ValueError(f"scheduler setting beta_schedule={cfg['beta_schedule']!r} is not "
+                         "supported with DDIMScheduler (diffusers' DDIMScheduler does not "
+                         f"implement it; supported: {', '.join(DDIM_BETA_SCHEDULES)})")
+    shared = {k: v for k, v in cfg.items() if k != "set_alpha_to_one"}
+    checked = check_scheduler_config(shared)
+    checked.pop("variance_type")
+    return {**checked, "set_alpha_to_one": cfg["set_alpha_to_one"]}
+
+
+def ddpm_part(ddim_config: dict) -> dict:
+    """The DDPMScheduler settings a DDIM config shares (for the pipeline's Schedule)."""
+    return {k: v for k, v in ddim_config.items() if k != "set_alpha_to_one"}
+
+
+class _Scheduler:
+    """Shared behaviour: a validated `config`, `from_config`, `set_timesteps` → `timesteps`."""
+
+    DEFAULTS: dict = {}
+
+    def __init__(self, **settings):
+        self.config = FrozenConfig(self._validate(settings))
+        self.num_inference_steps: Optional[int] = None
+        self.timesteps = torch.from_numpy(
+            np.arange(0, self.config["num_train_timesteps"])[::-1].copy())
+        self.init_noise_sigma = 1.0
+
+    @classmethod
+    def _validate(cls, settings: dict) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config=None, **kwargs):
+        """As diffusers' from_config: the settings of `config` (a dict, a FrozenDict or any
+        object with a `.config`) overridden by kwargs; keys the class does not take are dropped
+        (diffusers drops them with a warning: DDPMScheduler's variance_type for DDIM)."""
+        if config is not None and not isinstance(config, dict) and hasattr(config, "config"):
+            config = config.config
+        config = dict(config or {})
+        used = config.pop("_use_default_values", [])
+        settings = {k: v for k, v in config.items()
+                    if not k.startswith("_") and k not in used and k in cls.DEFAULTS}
+        settings.update(kwargs)
+        return cls(**settings)
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """diffusers' set_timesteps (the same timesteps the pipeline runs)."""
+        schedule = Schedule.from_scheduler_config(
+            {k: v for k, v in self.config.items() if k in DDPM_SCHEDULER_DEFAULTS})
+        self.num_inference_steps = int(num_inference_steps)
+        self.timesteps = torch.tensor(schedule.timesteps(num_inference_steps), dtype=torch.int64,
+                                      device=device)
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas")
+        return f"{type(self).__name__}({items})"
+
+
+class DDPMScheduler(_Scheduler):
+    """The settings of diffusers' DDPMScheduler (validated by check_scheduler_config)."""
+
+    DEFAULTS = DDPM_SCHEDULER_DEFAULTS
+
+    @classmethod
+    def _validate(cls, settings):
+        return check_scheduler_config(dict(settings))
+
+
+class DDIMScheduler(_Scheduler):
+    """The settings of diffusers' DDIMScheduler; the pipeline samples DDIM with them (eta and
+    use_clipped_model_output are arguments of the call, as in diffusers' DDIMPipeline)."""
+
+    DEFAULTS = DDIM_SCHEDULER_DEFAULTS
+
+    @classmethod
+    def _validate(cls, settings):
+        return ddim_settings(dict(settings))
+
+
+def read_scheduler(scheduler) -> tuple[str, dict]:
+    """("ddpm" | "ddim", validated settings) of a scheduler object of diffusers or ddpm_fast,
+    read through its class name and `.config`; a ValueError names what is not honoured."""
+    config = getattr(scheduler, "config", None)
+    if config is None or isinstance(scheduler, dict):
+        raise TypeError(f"pipe.scheduler must be a scheduler object with a .config (diffusers' or "
+                        f"ddpm_fast's DDPMScheduler / DDIMScheduler), got "
+                        f"{type(scheduler).__name__}")
+    name = type(scheduler).__name__
+    if name not in SCHEDULER_CLASSES:
+        raise ValueError(f"scheduler {name} is not supported: ddpm_fast samples with "
+                         f"{' or '.join(SCHEDULER_CLASSES)} (their settings are honoured or "
+                         "refused by name)")
+    # an object's config values are the ones it runs with: its _use_default_values list only
+    # records which of them were defaults
+    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    if name == "DDPMScheduler":
+        return "ddpm", check_scheduler_config(config)
+    return "ddim", ddim_settings(config)
+
+
+def ddim_table(schedule: Schedule, timesteps, eta: float = 0.0, set_alpha_to_one: bool = True,
+               use_clipped_model_output: bool = False) -> torch.Tensor:
+    """Step-table rows (schedule.py's layout) of diffusers' DDIMScheduler.step over `timesteps`
+    (a run of set_timesteps(len(timesteps))). "diffusers" numerics repeat its float32 ops (ε-
+    prediction without use_clipped_model_output: bit for bit); "float64" numerics form the same
+    coefficients in float64 and cast once."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    ts = schedule._check_timesteps(timesteps)
+    n_train = schedule.num_timesteps
+    ratio = n_train // len(ts)
+    f32 = schedule.numerics == "diffusers"
+    dtype = torch.float32 if f32 else torch.float64
+    abar = (torch.cumprod(1.0 - schedule.betas.float(), dim=0) if f32
+            else schedule.alphas_cumprod)
+    final = torch.tensor(1.0, dtype=dtype) if set_alpha_to_one else abar[0]
+    a_t = abar[ts]
+    a_prev = torch.stack([abar[t - ratio] if t - ratio >= 0 else final for t in ts])
+    beta_prod_t = 1 - a_t
+    beta_prod_prev = 1 - a_prev
+    variance = (beta_prod_prev / beta_prod_t) * (1 - a_t / a_prev)
+    std = eta * variance ** 0.5
+    c_eps = (1 - a_prev - std ** 2) ** 0.5
+    rows = torch.zeros(len(ts), COEF_COLS, dtype=dtype)
+    schedule._x0_columns(rows, a_t ** 0.5, beta_prod_t ** 0.5)
+    rows[:, C0] = a_prev ** 0.5
+    if use_clipped_model_output:
+        # ε̂ from the clipped x̂0: ε̂ = (x − √ᾱ_t x̂0) / √(1−ᾱ_t), folded into C0 and C1
+        rows[:, C0] = a_prev ** 0.5 - c_eps * a_t ** 0.5 / beta_prod_t ** 0.5
+        rows[:, C1] = c_eps / beta_prod_t ** 0.5
+    elif schedule.prediction_type == "epsilon":
+        rows[:, C2] = c_eps                          # ε̂ = the model output
+    elif schedule.prediction_type == "v_prediction":
+        rows[:, C1] = c_eps * beta_prod_t ** 0.5     # ε̂ = √ᾱ·v + √(1−ᾱ)·x
+        rows[:, C2] = c_eps * a_t ** 0.5
+    else:                                            # sample: ε̂ = (x − √ᾱ·out) / √(1−ᾱ)
+        rows[:, C1] = c_eps / beta_prod_t ** 0.5
+        rows[:, C2] = -(c_eps * a_t ** 0.5 / beta_prod_t ** 0.5)
+    rows[:, SIGMA] = std
+    rows[:, T_COL] = torch.tensor(ts, dtype=dtype)
+    return rows.float()
