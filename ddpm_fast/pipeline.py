@@ -419,8 +419,10 @@ class DDPMPipeline:
             elif scheduler_ddim:
                 noise = NoiseSource(shape, self.device, None if seed is not None else generator,
                                     seed, first_image, self.schedule.num_timesteps)
+                # diffusers' DDIMScheduler draws noise at every step when η > 0 (σ = 0 too)
                 x = sample_loop(self._model(), table, timesteps, noise, clip=clip,
-                                progress=progress, threshold=self.schedule.threshold).images
+                                progress=progress, threshold=self.schedule.threshold,
+                                draw_every_step=eta > 0).images
             else:
                 common = dict(generator=None if seed is not None else generator, seed=seed,
                               first_image=first_image, num_inference_steps=num_inference_steps,
