@@ -12,13 +12,13 @@ from pathlib import Path
 EXAMPLES = {
     "sample": """examples:
   ddpm-fast sample --out digits.png                      # 64 digits from the shipped model
-  ddpm-fast sample --model ./ddpm-cifar10-32 --num 16 --out grid.png --device cuda
-  ddpm-fast sample --num 1000 --batch-size 250 --out samples.npz --mode fast --seed 1
+  ddpm-fast sample --model ./ddpm-cifar10-32 --num-images 16 --out grid.png --device cuda
+  ddpm-fast sample --num-images 1000 --batch-size 250 --out samples.npz --mode fast --seed 1
   ddpm-fast sample --sampler ddim --steps 50 --out ddim.png
   torchrun --nproc-per-node 8 -m ddpm_fast.cli sample --model ./ddpm-cifar10-32 \\
       --seeds 0-49999 --batch-size 256 --out cifar50k.npz --device cuda   # rerun to resume""",
     "progressive": """examples:
-  ddpm-fast progressive --out progressive.png --num 4 --every 100""",
+  ddpm-fast progressive --out progressive.png --num-images 4 --every 100""",
     "from-t": """examples:
   ddpm-fast from-t --out from_t.png --t 250 500 750 999""",
     "interpolate": """examples:
@@ -35,7 +35,7 @@ EXAMPLES = {
   ddpm-fast convert ddim-run/ckpt.pth --out ddim-pipeline --raw-weights   # not the EMA""",
     "eval": """examples:
   ddpm-fast eval --terms 1000            # the exact bound, as in the DDPM paper
-  ddpm-fast eval --model ./ddpm-cifar10-32 --data cifar10-test.npz --num 10000 --device cuda""",
+  ddpm-fast eval --model ./ddpm-cifar10-32 --data cifar10-test.npz --num-data 10000 --device cuda""",
     "bench": "examples:\n  ddpm-fast bench --device cpu --batch 8 --steps 10",
 }
 
@@ -213,6 +213,10 @@ def cmd_sample(args) -> int:
                     else "float32", "sampler": args.sampler, "steps": steps, "eta": args.eta,
                     "variance": args.variance or pipe.variance, "seed": args.seed,
                     "image": [c.sample_size, c.sample_size, c.in_channels]}
+        # every scheduler setting (defaults filled in), one key each: a folder whose
+        # scheduler_config.json was edited since is another run, refused naming the setting
+        model_path = Path(args.model) if args.model else default_model_path()
+        settings.update({f"scheduler.{k}": v for k, v in scheduler_settings(model_path).items()})
         store = distributed.ShardStore(parts, settings)
         try:
             store.check(args.overwrite)
@@ -353,7 +357,7 @@ def cmd_interpolate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .checkpoints import save_pretrained
+    from .checkpoints import load_scheduler_config, save_pretrained
     from .data import load_dataset
     from .training import DIGITS_CONFIG, TrainConfig, train
     from .unet import PRESETS, UNet2DModel
@@ -382,7 +386,8 @@ def cmd_train(args) -> int:
     ema, _ = train(UNet2DModel(config), data, cfg, out_dir=out / "checkpoint",
                    resume=args.resume, device=device)
     if distributed.is_main():
-        save_pretrained(ema, out / "pipeline")
+        # with the schedule the run trained with (checkpoint/…/state.json records it)
+        save_pretrained(ema, out / "pipeline", load_scheduler_config(out / "checkpoint"))
         print(f"wrote the EMA model to {out / 'pipeline'} (load it with --model {out / 'pipeline'})")
     return 0
 
@@ -513,6 +518,28 @@ def cmd_bench(args, rest) -> int:
 
 # ---------------------------------------------------------------------- parser
 
+class DeprecatedFlag(argparse.Action):
+    """An old spelling that still works, with a one-line notice on stderr naming the new one."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"ddpm-fast: note: {option_string} is deprecated, use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_count(q, flag: str, dest: str, default: int, help_text: str, old: str = "--num"):
+    """A positive count option `flag`, plus its old spelling `old` (hidden, deprecated). One name
+    per meaning across subcommands: --num-images counts generated (or shown) images, --num-data
+    held-out data; none is a prefix of a torchrun option, so each passes through torchrun."""
+    q.add_argument(flag, dest=dest, type=positive(flag), default=default, metavar="N",
+                   help=help_text)
+    q.add_argument(old, dest=dest, type=positive(flag), action=DeprecatedFlag, new=flag,
+                   help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ddpm-fast", description="Fast DDPM sampling and training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -531,10 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("sample", "generate images")
     model_args(s)
-    s.add_argument("--num", type=positive("--num"), default=64,
-                   help="images with seeds 0..num-1 (default 64)")
+    add_count(s, "--num-images", "num", 64, "images to generate, with seeds 0..N-1 (default 64)")
     s.add_argument("--seeds", default=None,
-                   help="per-image seeds like 0-49999 or 0-9,20 (instead of --num): resumable, "
+                   help="per-image seeds like 0-49999 or 0-9,20 (instead of --num-images): resumable, "
                    "written in shards to OUT.parts/ and merged at the end")
     s.add_argument("--batch-size", type=batch_size_arg, default=64,
                    help="images per sampler call, or 'auto': the largest that fits in memory")
@@ -559,14 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = add("progressive", "figure of x̂0 and x_t along sampling")
     model_args(g)
-    g.add_argument("--num", type=positive("--num"), default=4)
+    add_count(g, "--num-images", "num", 4, "images to generate (default 4)")
     g.add_argument("--every", type=positive("--every"), default=100)
     g.set_defaults(func=cmd_progressive)
 
     f = add("from-t", "encode real images to x_t and denoise back, for several t")
     model_args(f)
     f.add_argument("--images", default="digits", help="'digits' (held-out ones), an .npz/.npy of uint8 [N,H,W,C], or a folder of images")
-    f.add_argument("--num", type=positive("--num"), default=4)
+    add_count(f, "--num-images", "num", 4, "images to encode and denoise (default 4)")
     f.add_argument("--t", type=int, nargs="+", default=[250, 500, 750, 999])
     f.set_defaults(func=cmd_from_t)
 
@@ -609,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out images: .npz/.npy of uint8 [N,H,W,C] or a folder (default: "
                    "the held-out digits, for digit models)")
     e.add_argument("--device", default="auto")
-    e.add_argument("--num", type=positive("--num"), default=256, help="images to score")
+    add_count(e, "--num-data", "num", 256, "held-out images to score (default 256)",
+              old="--num")
     e.add_argument("--batch-size", type=positive("--batch-size"), default=256)
     e.add_argument("--terms", type=positive("--terms"), default=100,
                    help="KL terms evaluated (1000 = exact bound; fewer = an estimate)")
@@ -617,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the decoder term L_0 with the exact (erf) normal CDF instead of the "
                    "original DDPM code's tanh approximation (the default, as in the paper's "
                    "implementation)")
-    e.add_argument("--samples", type=positive("--samples"), default=256)
+    add_count(e, "--num-images", "samples", 256, "images to generate for the quality scores "
+              "(digit models; default 256)", old="--samples")
     e.add_argument("--steps", type=positive("--steps"), default=1000)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval)

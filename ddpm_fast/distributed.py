@@ -112,7 +112,8 @@ class ShardStore:
     settings: shards of a different run are never mixed in."""
 
     def __init__(self, folder: Path, settings: dict):
-        self.folder, self.settings = Path(folder), settings
+        # as run.json holds them (tuples as lists, …), so that the same settings compare equal
+        self.folder, self.settings = Path(folder), json.loads(json.dumps(settings))
 
     def check(self, overwrite: bool = False) -> bool:
         """Every rank: False if the folder holds another run's shards and --overwrite allows

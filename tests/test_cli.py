@@ -29,7 +29,7 @@ def run(capsys, *argv):
 @pytest.mark.parametrize("mode", ["fast", "reference"])
 def test_sample_png_grid(tmp_path, capsys, model_dir, mode):
     out = tmp_path / "grid.png"
-    code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 6, "--batch-size", 4,
+    code, _, err = run(capsys, "sample", "--model", model_dir, "--num-images", 6, "--batch-size", 4,
                        "--steps", 3, "--mode", mode, "--out", out, "--scale", 1)
     assert code == 0, err
     im = Image.open(out)
@@ -38,12 +38,12 @@ def test_sample_png_grid(tmp_path, capsys, model_dir, mode):
 
 def test_sample_npz_and_folder_same_images(tmp_path, capsys, model_dir):
     # fp32: bit-identical across batch sizes on the CPU (bf16 kernels are picked per batch shape)
-    code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 5, "--batch-size", 2,
+    code, _, err = run(capsys, "sample", "--model", model_dir, "--num-images", 5, "--batch-size", 2,
                        "--steps", 4, "--out", tmp_path / "s.npz", "--dtype", "fp32")
     assert code == 0, err
     images = np.load(tmp_path / "s.npz")["arr_0"]
     assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
-    code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 5, "--batch-size", 5,
+    code, _, err = run(capsys, "sample", "--model", model_dir, "--num-images", 5, "--batch-size", 5,
                        "--steps", 4, "--out", tmp_path / "folder", "--dtype", "fp32")
     assert code == 0, err
     files = sorted((tmp_path / "folder").iterdir())
@@ -54,13 +54,13 @@ def test_sample_npz_and_folder_same_images(tmp_path, capsys, model_dir):
 
 
 def test_sample_ddim(tmp_path, capsys, model_dir):
-    code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 2, "--sampler", "ddim",
+    code, _, err = run(capsys, "sample", "--model", model_dir, "--num-images", 2, "--sampler", "ddim",
                        "--steps", 5, "--out", tmp_path / "d.png")
     assert code == 0, err
 
 
 def test_progressive(tmp_path, capsys, model_dir):
-    code, _, err = run(capsys, "progressive", "--model", model_dir, "--num", 2, "--every", 250,
+    code, _, err = run(capsys, "progressive", "--model", model_dir, "--num-images", 2, "--every", 250,
                        "--out", tmp_path / "p.png", "--scale", 1)
     assert code == 0, err
     assert Image.open(tmp_path / "p.png").size[1] == 2 * 10 + 2
@@ -76,7 +76,7 @@ def test_train_then_sample(tmp_path, capsys):
                        "--batch-size", 4, "--checkpoint-every", 2, "--device", "cpu")
     assert code == 0, err
     assert (tmp_path / "run" / "pipeline" / "unet" / "config.json").is_file()
-    code, _, err = run(capsys, "sample", "--model", tmp_path / "run" / "pipeline", "--num", 1,
+    code, _, err = run(capsys, "sample", "--model", tmp_path / "run" / "pipeline", "--num-images", 1,
                        "--steps", 2, "--out", tmp_path / "x.png")
     assert code == 0, err
 
@@ -106,7 +106,7 @@ def test_convert_original_checkpoint_then_sample(tmp_path, capsys):
     assert "fixed_large" in out
     assert (tmp_path / "conv" / "model_index.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp folder left
-    code, _, err = run(capsys, "sample", "--model", tmp_path / "conv", "--num", 2, "--steps", 2,
+    code, _, err = run(capsys, "sample", "--model", tmp_path / "conv", "--num-images", 2, "--steps", 2,
                        "--out", tmp_path / "c.png")
     assert code == 0, err
     code, _, err = run(capsys, "convert", tmp_path / "orig.ckpt", "--out", tmp_path / "conv")
@@ -115,8 +115,8 @@ def test_convert_original_checkpoint_then_sample(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--model", "/nonexistent", "--out", "{tmp}/a.png"], "does not exist"),
-    (["sample", "--num", "0", "--out", "{tmp}/a.png"], "--num must be a positive integer"),
-    (["sample", "--num", "-2", "--out", "{tmp}/a.png"], "--num must be a positive integer"),
+    (["sample", "--num-images", "0", "--out", "{tmp}/a.png"], "--num-images must be a positive integer"),
+    (["sample", "--num-images", "-2", "--out", "{tmp}/a.png"], "--num-images must be a positive integer"),
     (["sample", "--out", "{tmp}/a.jpg"], "use .png"),
     (["sample", "--steps", "5000", "--out", "{tmp}/a.png"], "exceeds"),
     (["sample", "--device", "cuda:0", "--out", "{tmp}/a.png"], None),
@@ -152,13 +152,13 @@ def test_existing_output_needs_overwrite(tmp_path, capsys, model_dir):
 
 def test_sample_with_shipped_default_model(tmp_path, capsys):
     assert cli.default_model_path().joinpath("unet", "config.json").is_file()
-    code, out, err = run(capsys, "sample", "--num", 4, "--steps", 5, "--out", tmp_path / "d.png")
+    code, out, err = run(capsys, "sample", "--num-images", 4, "--steps", 5, "--out", tmp_path / "d.png")
     assert code == 0, err
     assert Image.open(tmp_path / "d.png").size[0] > 0
 
 
 def test_eval(capsys):
-    code, out, err = run(capsys, "eval", "--num", 16, "--terms", 8, "--samples", 32, "--steps", 20)
+    code, out, err = run(capsys, "eval", "--num-data", 16, "--terms", 8, "--num-images", 32, "--steps", 20)
     assert code == 0, err
     result = json.loads(out)["bits_per_dim"]
     assert result["total"] > 0 and 0 <= result["quality"]["confident"] <= 1
@@ -168,7 +168,7 @@ def test_eval_on_image_array(tmp_path, capsys, model_dir):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "held_out.npy", rng.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8))
     code, out, err = run(capsys, "eval", "--model", model_dir, "--data", tmp_path / "held_out.npy",
-                         "--terms", 4, "--batch-size", 2, "--samples", 4, "--steps", 2)
+                         "--terms", 4, "--batch-size", 2, "--num-images", 4, "--steps", 2)
     assert code == 0, err
     result = json.loads(out)["bits_per_dim"]
     assert result["images"] == 5 and result["total"] > 0
@@ -178,7 +178,7 @@ def test_eval_on_image_array(tmp_path, capsys, model_dir):
 
 
 def test_from_t_and_interpolate(tmp_path, capsys):
-    code, _, err = run(capsys, "from-t", "--num", 2, "--t", 5, 20, "--out", tmp_path / "f.png",
+    code, _, err = run(capsys, "from-t", "--num-images", 2, "--t", 5, 20, "--out", tmp_path / "f.png",
                        "--scale", 1)
     assert code == 0, err
     assert Image.open(tmp_path / "f.png").size == (3 * 10 + 2, 2 * 10 + 2)
@@ -216,7 +216,7 @@ def test_no_autotune_reaches_the_fast_runner(tmp_path, capsys, model_dir):
 
     args = argparse.Namespace(model=str(model_dir), mode="fast", dtype="auto", no_autotune=True)
     assert cli.load_pipeline(args, torch.device("cpu")).runner.autotune_convs is False
-    code, _, err = run(capsys, "sample", "--model", model_dir, "--num", 2, "--steps", 2,
+    code, _, err = run(capsys, "sample", "--model", model_dir, "--num-images", 2, "--steps", 2,
                        "--no-autotune", "--out", tmp_path / "a.png")
     assert code == 0, err
 
@@ -274,3 +274,82 @@ def test_eval_exact_cdf_switches_the_decoder_term(tmp_path, capsys):
         results.append(json.loads(out)["bits_per_dim"])
     tanh, erf = results
     assert tanh["kl"] == erf["kl"] and tanh["decoder"] != erf["decoder"]
+
+
+def _torchrun_lines(text: str) -> list[list[str]]:
+    """Every torchrun command in the code blocks of `text` (README) or in example text (the
+    CLI's epilogs), continuation lines joined, comments dropped, as shell words."""
+    import re
+    import shlex
+
+    text = re.sub(r"\\\\?\n\s*", " ", text)          # backslash continuations (also '\\' in .py)
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("torchrun "):
+            lines.append(shlex.split(line, comments=True))
+    return lines
+
+
+def test_readme_torchrun_lines_pass_every_flag_through_torchrun():
+    # issue 15: torchrun's own parser took --num as an abbreviation of its --numa-binding
+    import re
+    from pathlib import Path
+
+    from torch.distributed.run import get_args_parser
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", readme.read_text(), re.S))
+    commands = _torchrun_lines(blocks) + _torchrun_lines("\n".join(cli.EXAMPLES.values()))
+    assert len(commands) >= 4, commands              # README: train and sample; --help: both
+    for words in commands:
+        module_at = words.index("-m")
+        script_args = words[module_at + 2:]
+        args = get_args_parser().parse_args(words[1:])   # exits (SystemExit 2) on an ambiguity
+        assert args.module and args.training_script == "ddpm_fast.cli"
+        assert args.training_script_args == script_args, words
+        parsed = cli.build_parser().parse_args(script_args)
+        assert parsed.command in ("sample", "train")
+
+
+def test_every_sample_flag_passes_through_torchrun():
+    from torch.distributed.run import get_args_parser
+
+    flags = [o for a in cli.build_parser()._subparsers._group_actions[0].choices["sample"]._actions
+             for o in a.option_strings if a.help != "==SUPPRESS==" and o.startswith("--")]
+    assert "--num-images" in flags and "--num" not in flags
+    for flag in flags:
+        argv = ["--standalone", "--nproc-per-node", "2", "-m", "ddpm_fast.cli", "sample", flag, "1"]
+        assert get_args_parser().parse_args(argv).training_script_args == ["sample", flag, "1"]
+
+
+def test_old_count_spellings_still_work_with_a_notice(capsys):
+    args = cli.build_parser().parse_args(["sample", "--num", "3", "--out", "x.png"])
+    assert args.num == 3
+    assert capsys.readouterr().err == "ddpm-fast: note: --num is deprecated, use --num-images\n"
+    args = cli.build_parser().parse_args(["eval", "--num", "5", "--samples", "7"])
+    assert (args.num, args.samples) == (5, 7)
+    assert capsys.readouterr().err.splitlines() == [
+        "ddpm-fast: note: --num is deprecated, use --num-data",
+        "ddpm-fast: note: --samples is deprecated, use --num-images"]
+
+
+def test_sharded_run_refuses_an_edited_scheduler_config(tmp_path, capsys, model_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    argv = ["sample", "--model", model, "--seeds", "0-1", "--steps", 2, "--batch-size", 2,
+            "--dtype", "fp32", "--out", tmp_path / "s.npz"]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    run_json = json.loads((tmp_path / "s.npz.parts" / "run.json").read_text())
+    assert run_json["scheduler.clip_sample"] is True and run_json["scheduler.beta_end"] == 0.02
+    code, _, err = run(capsys, *argv)                    # unchanged: resumes (nothing to do)
+    assert code == 0, err
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["clip_sample"] = False
+    config_file.write_text(json.dumps(config))
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "other settings (scheduler.clip_sample)" in err
