@@ -389,6 +389,14 @@ def fid(samples, ref, feature_extractor: FeatureExtractor | None = None, *,
     sets = {"ref": open_input(ref), "samples": open_input(samples)}   # both checked first
     if feature_extractor is None and any(isinstance(s, ImageSet) for s in sets.values()):
         feature_extractor = inception_extractor(inception_weights, device)
+    # features of another extractor are refused before minutes of feature extraction
+    names = {str(label): s.feature_extractor for label, s in sets.items()
+             if isinstance(s, Statistics) and s.feature_extractor}
+    if feature_extractor is not None and any(isinstance(s, ImageSet) for s in sets.values()) \
+            and _extractor_name(feature_extractor):
+        names["images"] = _extractor_name(feature_extractor)
+    if len(set(names.values())) > 1:
+        raise FidError(f"features of different extractors are not comparable: {names}")
     stats = {}
     for label, s in sets.items():
         stats[label] = s if isinstance(s, Statistics) else \
@@ -436,7 +444,9 @@ def main(argv=None, *, feature_extractor: FeatureExtractor | None = None) -> int
         except RuntimeError as e:
             raise FidError(f"--device {args.device}: {e}".splitlines()[0]) from None
         value = fid(args.samples, args.ref, feature_extractor,
-                    inception_weights=args.inception_weights, save_ref_stats=args.save_ref_stats, batch_size=args.batch_size, device=device)
+                    inception_weights=args.inception_weights,
+                    save_ref_stats=args.save_ref_stats, batch_size=args.batch_size,
+                    device=device)
     except FidError as e:
         print(f"ddpm-fast fid: error: {e}", file=sys.stderr)
         return 1

@@ -579,13 +579,20 @@ class UNet2DModel(nn.Module):
         statistics its producer computed, so that no GroupNorm is a pass of its own."""
         from .ops.conv2d import conv2d
 
+        if self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules()):
+            raise RuntimeError('"conv" kernels are for inference: dropout would sit before '
+                               "norm2's statistics; train with the reference kernels")
+
+        def attend(block, h, stats):     # "fused" attention folds into the conv path
+            return block.forward_conv(h, stats) if block.fused else (block(h), None)
+
         h, stats = conv2d(x, self.conv_in.weight, self.conv_in.bias, return_stats=True)
         skips = [(h, stats)]
         for block in self.down_blocks:
             for i, resnet in enumerate(block.resnets):
                 h, stats = resnet.forward_conv(h, stats, temb)
                 if block.attentions is not None:
-                    h, stats = block.attentions[i].forward_conv(h, stats)
+                    h, stats = attend(block.attentions[i], h, stats)
                 skips.append((h, stats))
             if block.downsamplers is not None:
                 down = block.downsamplers[0]
@@ -596,14 +603,14 @@ class UNet2DModel(nn.Module):
         mid = self.mid_block
         h, stats = mid.resnets[0].forward_conv(h, stats, temb)
         if mid.attentions[0] is not None:
-            h, stats = mid.attentions[0].forward_conv(h, stats)
+            h, stats = attend(mid.attentions[0], h, stats)
         h, stats = mid.resnets[1].forward_conv(h, stats, temb)
         for block in self.up_blocks:
             for i, resnet in enumerate(block.resnets):
                 skip, skip_stats = skips.pop()
                 h, stats = resnet.forward_conv(h, stats, temb, skip, skip_stats)
                 if block.attentions is not None:
-                    h, stats = block.attentions[i].forward_conv(h, stats)
+                    h, stats = attend(block.attentions[i], h, stats)
             if block.upsamplers is not None:
                 up = block.upsamplers[0].conv
                 h, stats = conv2d(h, up.weight, up.bias, upsample=True, return_stats=True)

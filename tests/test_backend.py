@@ -70,3 +70,14 @@ def test_group_norm_native_is_cpu_only(monkeypatch):
     with use_backend("native"):
         assert select("group_norm", cuda) == "torch"
         assert select("ddpm_step", cuda) == "native"
+
+
+def test_auto_falls_back_through_our_kernels_before_torch(monkeypatch):
+    """A table choice that cannot run here falls back to our other kernel on a GPU (the CUDA
+    step without the native module: the Triton one), to torch on the CPU (Triton there is the
+    test interpreter)."""
+    monkeypatch.setattr(backend, "native_available", lambda device: False)
+    monkeypatch.setattr(backend, "triton_available", lambda device: True)
+    assert select("ddpm_step", torch.device("cuda")) == "triton"
+    assert select("ddpm_step", torch.device("cpu")) == "torch"
+    assert select("attention", torch.device("cuda")) == "torch"     # the table's choice runs

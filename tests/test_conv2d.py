@@ -1,12 +1,20 @@
 """The fused convolution op (ddpm_fast.ops.conv2d): its torch reference against the U-Net's plain
 modules, and every backend built here against that reference (Triton under TRITON_INTERPRET=1 on
 the CPU, in fp32: the interpreter's bf16 dot multiplies bit patterns; bf16 runs in test_cuda.py)."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import TRITON
 from ddpm_fast.ops.backend import use_backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the same computation with the modules the U-Net is made of (what the op must equal); the
+# per-layer benchmark times it as the stock baseline
+from benchmarks.conv2d_layers import torch_composite as _plain  # noqa: E402
 from ddpm_fast.ops.conv2d import Norm, conv2d, norm_affine, per_channel_stats
 
 BACKENDS = ["torch"] + TRITON
@@ -29,31 +37,6 @@ def _case(n, cin, cout, h, w, *, k=3, groups=8, skip_ch=0, layout="channels_last
         weight=_randn(cout, c, k, k, seed=seed + 2, scale=(c * k * k) ** -0.5),
         bias=_randn(cout, seed=seed + 3),
         norm=(1 + 0.2 * _randn(c, seed=seed + 4), 0.2 * _randn(c, seed=seed + 5), groups, EPS))
-
-
-def _plain(x, weight, bias, *, stride=1, padding=None, upsample=False, skip=None, norm=None,
-           silu=False, temb=None, residual=None, shortcut=None):
-    """The same computation with the modules the U-Net is made of (what the op must equal)."""
-    u = x if skip is None else torch.cat([x, skip], 1)
-    if norm is not None:
-        u = F.group_norm(u, norm[2], norm[0], norm[1], norm[3])
-    if silu:
-        u = F.silu(u)
-    if upsample:
-        u = F.interpolate(u, scale_factor=2.0, mode="nearest")
-    if padding == (0, 1, 0, 1):
-        y = F.conv2d(F.pad(u, padding), weight, bias, stride)
-    else:
-        y = F.conv2d(u, weight, bias, stride, padding=weight.shape[-1] // 2)
-    if temb is not None:
-        y = y + temb[:, :, None, None]
-    if residual is not None:
-        y = y + residual
-    if shortcut is not None:
-        sc_in, sc_w, sc_b = shortcut
-        sc_in = sc_in if isinstance(sc_in, torch.Tensor) else torch.cat(sc_in, 1)
-        y = y + F.conv2d(sc_in, sc_w, sc_b)
-    return y
 
 
 # Each case: why it is here. Sizes are odd or off-tile where it matters.
@@ -203,8 +186,6 @@ def test_compiles_for_hopper_without_spills(tmp_path):
     import json
     import os
     import subprocess
-    import sys
-    from pathlib import Path
 
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -212,7 +193,6 @@ def test_compiles_for_hopper_without_spills(tmp_path):
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "benchmarks.aot_conv2d", "--batch", "64", "--out",
                     str(out)], cwd=root, env=env, check=True, capture_output=True)
-    sys.path.insert(0, str(root))
     from benchmarks.conv2d_layers import CIFAR_LAYERS
 
     layers = json.loads(out.read_text())["layers"]
@@ -276,10 +256,6 @@ def test_fast_runner_conv_kernels_sample_like_the_reference_kernels():
 def test_layer_benchmark_smoke():
     """benchmarks/conv2d_layers.py (what a GPU session runs) works: its inputs and its stock-torch
     composite agree with the op on the interpreter's tiny layers."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.conv2d_layers import main
 
     assert main(["--smoke"]) == 0
@@ -312,3 +288,19 @@ def test_triton_norm_affine_equals_torch(tiles):
     want_scale, want_shift = norm_affine(parts, norm)
     torch.testing.assert_close(scale, want_scale, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(shift, want_shift, rtol=1e-4, atol=1e-3)
+
+
+def test_unet_conv_kernels_honour_reference_attention_and_refuse_training_dropout():
+    from ddpm_fast.unet import UNet2DModel, UNetConfig, PRESETS
+
+    torch.manual_seed(0)
+    unet = UNet2DModel("tiny").eval()
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([3])
+    with torch.no_grad():
+        expect = unet(x, t)
+        unet.set_kernels("conv", attention="reference")
+        assert not any(m.fused for m in unet.modules() if type(m).__name__ == "Attention")
+        torch.testing.assert_close(unet(x, t), expect, atol=1e-5, rtol=1e-5)
+    cfg = UNetConfig(**{**PRESETS["tiny"].__dict__, "dropout": 0.1})
+    with pytest.raises(RuntimeError, match="for inference"):
+        UNet2DModel(cfg).train().set_kernels("conv")(x, t)

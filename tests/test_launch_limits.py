@@ -100,6 +100,19 @@ def test_ops_refuse_tensors_on_another_device():
         attention(q, q.to("meta"), q, 0.3)
     with pytest.raises(RuntimeError, match="step is on meta"):
         _philox_normal_op(key_tensor(1), torch.zeros(1, dtype=torch.int64, device="meta"), 2, 8)
+    from ddpm_fast.ops import ddpm_step
+    from ddpm_fast.schedule import Schedule
+
+    s = Schedule.linear()
+    table = s.step_table(s.timesteps(5))
+    x = torch.randn(1, 3, 4, 4)
+    step, key = torch.tensor([0]), torch.tensor([0, 0])
+    for name, args in (("coef", (x, x, table.to("meta"), step, key, None, True)),
+                       ("step", (x, x, table, step.to("meta"), key, None, True)),
+                       ("key", (x, x, table, step, key.to("meta"), None, True)),
+                       ("noise", (x, x, table, step, key, x.to("meta"), True))):
+        with pytest.raises(RuntimeError, match=f"{name} is on meta"):
+            ddpm_step(*args)
 
 
 def test_launches_run_under_the_tensors_device(monkeypatch):
@@ -128,3 +141,30 @@ def test_launches_run_under_the_tensors_device(monkeypatch):
     with _native.on_device(torch.zeros(1)):          # CPU: nothing to switch
         pass
     assert len(entered) == 1
+
+
+def test_ops_launch_inside_the_device_switch(monkeypatch):
+    """Every op's launch happens inside _native.on_device of its tensor (recorded on the CPU,
+    where the switch is a no-op: the order of events is what is checked)."""
+    import contextlib
+
+    from ddpm_fast import _native
+    from ddpm_fast.kernels.triton import group_norm as gn
+    from ddpm_fast.ops import group_norm
+    from ddpm_fast.ops.backend import use_backend
+
+    events = []
+
+    @contextlib.contextmanager
+    def switch(t):
+        events.append(("enter", t.device))
+        yield
+        events.append(("exit", t.device))
+
+    launched = gn.group_norm
+    monkeypatch.setattr(_native, "on_device", switch)
+    monkeypatch.setattr(gn, "group_norm", lambda *a: (events.append(("launch",)), launched(*a)))
+    x = torch.randn(1, 8, 2, 2)
+    with use_backend("triton"):
+        group_norm(x, torch.ones(8), torch.zeros(8), 2, 1e-6, False)
+    assert events == [("enter", x.device), ("launch",), ("exit", x.device)]

@@ -121,27 +121,37 @@ def triton_available(device: torch.device) -> bool:
 NO_NATIVE_ON = {("group_norm", "cuda")}      # ops whose native code is CPU-only
 
 
-def _runs(impl: str, device: torch.device, op: str = "") -> bool:
+def runs(impl: str, device: torch.device, op: str = "") -> bool:
     return (impl == "torch"
             or (impl == "native" and native_available(device)
                 and (op, device.type) not in NO_NATIVE_ON)
             or (impl == "triton" and triton_available(device)))
 
 
+def fallbacks(op: str, device: torch.device, first: str | None = None) -> list[str]:
+    """Implementations of `op` in the order "auto" tries them on `device`: `first` (the table's
+    choice), then our compiled kernels, then the torch reference. Triton is a fallback on GPUs
+    only: on the CPU it is the interpreter, for tests."""
+    order = [first] if first else []
+    order += ["native"] + (["triton"] if device.type == "cuda" else []) + ["torch"]
+    return [impl for impl in dict.fromkeys(order) if impl in IMPLEMENTATIONS[op]]
+
+
 def select(op: str, device: torch.device) -> str:
-    """The implementation `op` runs on `device`: the table's (falling back to the torch
-    reference when that one is not built or importable here), or the requested backend. An
-    explicit request that cannot run is an error."""
+    """The implementation `op` runs on `device`: the table's, else the next one that is built
+    and importable here (`fallbacks`), or the requested backend. An explicit request that
+    cannot run is an error."""
     impls = IMPLEMENTATIONS[op]
     name = requested()
     if name == "auto":
         choice = TABLE.get((op, device.type))
-        return choice.impl if choice is not None and _runs(choice.impl, device, op) else "torch"
+        return next(impl for impl in fallbacks(op, device, choice and choice.impl)
+                    if runs(impl, device, op))
     if name == "native" and ("native" not in impls or (op, device.type) in NO_NATIVE_ON):
         return "torch"
     if name == "triton" and "triton" not in impls:
         raise RuntimeError(f"backend 'triton' requested but {op} has no Triton kernel")
-    if not _runs(name, device, op):
+    if not runs(name, device, op):
         raise RuntimeError(f"backend {name!r} requested for {op} but unavailable on "
                            f"{device.type} ({_native.build_info()}; Triton needs "
                            "TRITON_INTERPRET=1 on CPU)")

@@ -81,6 +81,11 @@ def _check(x, eps, coef, step, key, noise):
     if noise is not None:
         torch._check(noise.shape == x.shape and noise.dtype == torch.float32,
                      lambda: "noise must be float32 and shaped like x")
+    # the kernels dereference every one of these on x's device
+    for name, t in (("eps", eps), ("coef", coef), ("step", step), ("key", key), ("noise", noise)):
+        if t is not None:
+            torch._check(t.device == x.device,
+                         lambda: f"ddpm_step: {name} is on {t.device}, x on {x.device}")
 
 
 def _run_triton(out, x, eps, coef, step, key, noise, clip):
@@ -104,7 +109,7 @@ def native_table_width() -> int:
 def _choose(device) -> str:
     """The kernel table's choice (backend.select), except that a native module built for another
     table layout (a checkout updated without rebuilding) is never run: an explicit request for
-    it is an error, "auto" takes the torch reference with a warning."""
+    it is an error, "auto" takes the next implementation that runs here, with a warning."""
     which = backend.select("ddpm_step", device)
     if which == "native" and native_table_width() != COEF_COLS:
         msg = (f"ddpm_fast._C was built for another step-table layout "
@@ -112,8 +117,9 @@ def _choose(device) -> str:
                f"columns): rebuild it (pip install -e .)")
         if backend.requested() == "native":
             raise RuntimeError(msg)
-        warnings.warn(msg + "; using the torch sampler step")
-        return "torch"
+        which = next(impl for impl in backend.fallbacks("ddpm_step", device)
+                     if impl != "native" and backend.runs(impl, device, "ddpm_step"))
+        warnings.warn(f"{msg}; using the {which} sampler step")
     return which
 
 

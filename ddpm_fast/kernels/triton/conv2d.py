@@ -228,7 +228,7 @@ def _norm_affine_kernel(
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     task = tl.program_id(0)
-    n = task // groups
+    n = (task // groups).to(tl.int64)      # (n·T + t)·C·3 nears 2³¹ at batch 4096, 256 px
     g = task % groups
     cc = g * cpg + tl.arange(0, CPG)                     # the group's channels, concatenated
     in_group = tl.arange(0, CPG) < cpg
