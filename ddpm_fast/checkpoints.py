@@ -272,6 +272,17 @@ def load_scheduler_config(path: str | os.PathLike) -> dict:
     p = Path(path)
     if p.is_file():                  # an original DDPM checkpoint
         return dict(ORIGINAL_SCHEDULER)
+    ckpt = find_training_checkpoint(p) if p.is_dir() else None
+    if ckpt is not None:             # one of our training runs: the schedule it was trained with
+        state_file = ckpt / "state.json"
+        config = _read_json(state_file).get("scheduler_config")
+        if config is None:           # written before runs recorded it: they trained the default
+            return dict(DEFAULT_SCHEDULER)
+        try:
+            check_scheduler_config(config)
+        except ValueError as e:
+            raise CheckpointError(f"{state_file}: {e}") from None
+        return config
     index = p / "model_index.json"
     if index.is_file():
         entry = _read_json(index).get("scheduler")

@@ -179,6 +179,8 @@ class Schedule:
     prediction_type: str = "epsilon"        # what the model predicts: ε, v or x0 ("sample")
     clip_range: float = 1.0                 # x̂0 is clipped to [−clip_range, clip_range]
     threshold: Optional[tuple] = None       # dynamic thresholding (ratio, max value) or None
+    # the DDPMScheduler settings the betas came from (beta_schedule, …), for scheduler_config()
+    beta_settings: Optional[dict] = field(default=None, repr=False, compare=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -206,12 +208,35 @@ class Schedule:
             betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float32)
         else:
             betas = linear_betas(num_timesteps, beta_start, beta_end)
+        kw.setdefault("beta_settings", {"beta_schedule": "linear", "num_train_timesteps":
+                                        num_timesteps, "beta_start": beta_start,
+                                        "beta_end": beta_end})
         return cls(betas, numerics, **kw)
 
     @classmethod
     def cosine(cls, num_timesteps=1000, numerics="float64", **kw):
         betas = cosine_betas(num_timesteps)
+        kw.setdefault("beta_settings", {"beta_schedule": "squaredcos_cap_v2",
+                                        "num_train_timesteps": num_timesteps})
         return cls(betas.float() if numerics == "diffusers" else betas, numerics, **kw)
+
+    def scheduler_config(self) -> dict:
+        """A DDPMScheduler config (scheduler_config.json) that rebuilds this schedule with
+        from_scheduler_config: the settings its betas came from (a schedule built from bare betas
+        writes them as trained_betas), its spacing, offset, prediction type, clip range and
+        thresholding; variance_type and clip_sample as ddpm_fast's defaults."""
+        config = {"_class_name": "DDPMScheduler", **DDPM_SCHEDULER_DEFAULTS,
+                  "variance_type": "fixed_small", "clip_sample": True}
+        config.update(self.beta_settings if self.beta_settings is not None else
+                      {"num_train_timesteps": len(self.betas),
+                       "trained_betas": self.betas.double().tolist()})
+        config.update(timestep_spacing=self.timestep_spacing, steps_offset=self.steps_offset,
+                      prediction_type=self.prediction_type, clip_sample_range=self.clip_range,
+                      thresholding=self.threshold is not None)
+        if self.threshold is not None:
+            config.update(dynamic_thresholding_ratio=self.threshold[0],
+                          sample_max_value=self.threshold[1])
+        return config
 
     @classmethod
     def from_scheduler_config(cls, config: dict, numerics: str = "diffusers") -> "Schedule":
@@ -239,8 +264,12 @@ class Schedule:
             betas = rescale_zero_terminal_snr(betas)
         threshold = ((float(c["dynamic_thresholding_ratio"]), float(c["sample_max_value"]))
                      if c["thresholding"] else None)
+        beta_settings = {k: c[k] for k in ("num_train_timesteps", "beta_start", "beta_end",
+                                           "beta_schedule", "trained_betas",
+                                           "rescale_betas_zero_snr")}
         return cls(betas, numerics, timestep_spacing=c["timestep_spacing"],
                    steps_offset=c["steps_offset"], prediction_type=c["prediction_type"],
+                   beta_settings=beta_settings,
                    # the range only matters with clip_sample (a call may turn clipping on)
                    clip_range=float(c["clip_sample_range"]) if c["clip_sample_range"] > 0 else 1.0,
                    threshold=threshold)

@@ -70,7 +70,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig,
-                    scaler=None) -> Path:
+                    scaler=None, schedule: Optional[Schedule] = None) -> Path:
     """Collective under torchrun (every rank calls it: RNG states are gathered); rank 0 writes."""
     import shutil
 
@@ -90,7 +90,9 @@ def save_checkpoint(folder: Path, model, ema, opt, step: int, cfg: TrainConfig,
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         torch.save({"torch": rng_states}, tmp / "rng.pt")
         state = {"step": step, "unet_config": model.config.to_dict(), "train": asdict(cfg),
-                 "grad_scaler": scaler.state_dict() if scaler is not None else {}}
+                 "grad_scaler": scaler.state_dict() if scaler is not None else {},
+                 # the schedule trained with: sampling and conversion read it back
+                 "scheduler_config": (schedule or Schedule.linear()).scheduler_config()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     atomic_write_bytes(folder / "latest", name.encode())
     for old in folder.glob("step-*"):          # keep only the checkpoint `latest` names
@@ -104,7 +106,8 @@ def has_checkpoint(folder: Path) -> bool:
     return (folder / "latest").is_file()
 
 
-def load_checkpoint(folder: Path, model, ema, opt, scaler=None) -> int:
+def load_checkpoint(folder: Path, model, ema, opt, scaler=None,
+                    schedule: Optional[Schedule] = None) -> int:
     from safetensors.torch import load_file
 
     ckpt = folder / (folder / "latest").read_text().strip()
@@ -115,6 +118,13 @@ def load_checkpoint(folder: Path, model, ema, opt, scaler=None) -> int:
         raise ValueError(f"{ckpt}: the checkpoint's U-Net differs from this run's "
                          f"({', '.join(diff)}): resume with the same data and model settings, "
                          "or train into a new --out")
+    saved = state.get("scheduler_config")       # absent in checkpoints of older versions
+    wanted = json.loads(json.dumps((schedule or Schedule.linear()).scheduler_config()))
+    if saved is not None and saved != wanted:
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise ValueError(f"{ckpt}: the checkpoint was trained with another schedule "
+                         f"({', '.join(diff)}): resume with the same schedule, or train into a "
+                         "new --out")
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
     opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
@@ -163,7 +173,7 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
     step = 0
     folder = Path(out_dir) if out_dir else None
     if resume and folder and has_checkpoint(folder):
-        step = load_checkpoint(folder, model, ema, opt, scaler)
+        step = load_checkpoint(folder, model, ema, opt, scaler, schedule)
         log(f"resumed from {folder} at step {step}")
     # DDP broadcasts rank 0's weights at construction and averages gradients in backward, so
     # every rank's model (and EMA) stays identical; the global batch is world_size × batch_size
@@ -200,7 +210,7 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
             log(f"step {step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
                 f"({(time.perf_counter() - t0) / step:.3f} s/step)")
         if saving:
-            save_checkpoint(folder, model, ema, opt, step, cfg, scaler)
+            save_checkpoint(folder, model, ema, opt, step, cfg, scaler, schedule)
     return ema, losses
 
 
@@ -343,7 +353,8 @@ def main(argv=None) -> None:
     ema, losses = train(UNet2DModel(DIGITS_CONFIG), digits_dataset(DIGITS_CONFIG.sample_size, "train"), cfg,
                         out_dir=out / "checkpoint", resume=True)
     ema.config.dropout = 0.0   # inference config (dropout is inactive in eval mode anyway)
-    save_pretrained(ema, out / "pipeline", dtype=torch.float16)
+    save_pretrained(ema, out / "pipeline", Schedule.linear().scheduler_config(),
+                    dtype=torch.float16)
     print(f"final loss {losses[-1]:.4f}; wrote {out / 'pipeline'}" if losses else "nothing to do")
 
 

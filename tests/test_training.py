@@ -259,3 +259,47 @@ def test_uint8_data_trains_like_float_data():
     _, from_uint8 = train(_model(), pixels, cfg, log=_quiet)
     _, from_float = train(_model(), to_model_space(pixels), cfg, log=_quiet)
     assert from_uint8 == from_float
+
+
+@pytest.mark.parametrize("kind", ["cosine", "bare_betas"])
+def test_training_records_its_schedule(tmp_path, kind):
+    import json
+
+    from ddpm_fast.checkpoints import load_scheduler_config
+    from ddpm_fast.pipeline import DDPMPipeline
+    from ddpm_fast.schedule import Schedule, linear_betas
+
+    if kind == "cosine":      # a non-default schedule with non-default spacing
+        schedule = Schedule.cosine(timestep_spacing="trailing")
+    else:                     # betas with no diffusers name: written as trained_betas
+        schedule = Schedule(linear_betas(100, 1e-3, 0.05))
+    data = digits_dataset(8)[:8]
+    train(_model(), data, TrainConfig(steps=2, batch_size=4, log_every=0, checkpoint_every=2),
+          schedule=schedule, out_dir=tmp_path / "run" / "checkpoint", log=_quiet)
+    config = load_scheduler_config(tmp_path / "run")
+    assert config == json.loads(json.dumps(schedule.scheduler_config()))
+    if kind == "cosine":
+        assert config["beta_schedule"] == "squaredcos_cap_v2"
+        assert config["timestep_spacing"] == "trailing"
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "run", numerics="float64")
+    assert torch.equal(pipe.schedule.betas, schedule.betas)
+    assert pipe.schedule.timesteps(10) == schedule.timesteps(10)
+    # resuming with another schedule is refused, like another U-Net
+    with pytest.raises(ValueError, match="trained with another schedule"):
+        train(_model(), data, TrainConfig(steps=3, batch_size=4, log_every=0),
+              out_dir=tmp_path / "run" / "checkpoint", resume=True, log=_quiet)
+
+
+def test_cli_train_pipeline_folder_has_the_trained_schedule(tmp_path):
+    import json
+
+    from ddpm_fast import cli
+    from ddpm_fast.checkpoints import DEFAULT_SCHEDULER
+    from ddpm_fast.schedule import Schedule, check_scheduler_config
+
+    assert cli.main(["train", "--steps", "1", "--batch-size", "2", "--preset", "tiny",
+                     "--out", str(tmp_path / "r"), "--device", "cpu"]) == 0
+    written = json.loads((tmp_path / "r" / "pipeline" / "scheduler" / "scheduler_config.json")
+                         .read_text())
+    assert written == json.loads(json.dumps(Schedule.linear().scheduler_config()))
+    assert check_scheduler_config(written) == check_scheduler_config(DEFAULT_SCHEDULER)
