@@ -343,26 +343,36 @@ class Schedule:
             rows = self._float64_rows(ts, prev, variance)
         return rows.to(device)
 
-    def ddim_table(self, timesteps: Sequence[int], eta: float = 0.0, device="cpu") -> torch.Tensor:
+    def ddim_table(self, timesteps: Sequence[int], eta: float = 0.0, device="cpu", *,
+                   set_alpha_to_one: bool = True,
+                   use_clipped_model_output: bool = False) -> torch.Tensor:
         """DDIM (Song et al. 2021) coefficients as diffusers' DDIMScheduler.step forms them for a
-        DDIMScheduler.from_config of this DDPM config (set_alpha_to_one=True, the same
-        steps_offset and spacing): x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε̂ + σ z with
-        σ = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)), where t_prev = t − T // n (n = len(timesteps),
-        the steps of a run from timesteps(n); diffusers' rule, which under "linspace"/"trailing"
-        spacing is not the run's next timestep) and ᾱ_prev = 1 below t = 0. ε̂ is the model's
-        noise estimate (for v- and sample-prediction a combination of x and the output, folded
-        into C1 and C2; from the unclipped output, as diffusers). "diffusers" numerics repeat
-        its float32 operations (ε-prediction: bit for bit), "float64" forms them in float64."""
+        DDIMScheduler.from_config of this DDPM config (the same steps_offset and spacing):
+        x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε̂ + σ z with
+        σ = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)). The previous timestep: for a run made by
+        timesteps(n) (n = len(timesteps)) diffusers' rule t_prev = t − T // n (under
+        "linspace"/"trailing" spacing not always the run's next timestep); for any other
+        decreasing subset the run's next timestep (the DDIM subset rule). Below t = 0 ᾱ_prev is
+        1 (set_alpha_to_one, default) or ᾱ[0]. ε̂ is the model's noise estimate (for v- and
+        sample-prediction a combination of x and the output, folded into C1 and C2; from the
+        unclipped output, as diffusers, unless use_clipped_model_output: then from the clipped
+        x̂0). "diffusers" numerics repeat its float32 operations (ε-prediction without
+        use_clipped_model_output: bit for bit), "float64" forms them in float64.
+        schedulers.ddim_table (DDIMScheduler settings) calls this."""
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         ts = self._check_timesteps(timesteps)
-        ratio = self.num_timesteps // len(ts)
+        if ts == self.timesteps(len(ts)):       # diffusers' rule for its own runs
+            ratio = self.num_timesteps // len(ts)
+            prev = [t - ratio for t in ts]
+        else:                                   # any other subset: the run's next timestep
+            prev = ts[1:] + [-1]
         f32 = self.numerics == "diffusers"
         dtype = torch.float32 if f32 else torch.float64
         abar = torch.cumprod(1.0 - self.betas.float(), dim=0) if f32 else self._f64("alphas_cumprod")
-        one = torch.tensor(1.0, dtype=dtype)
+        final = torch.tensor(1.0, dtype=dtype) if set_alpha_to_one else abar[0]
         a_t = abar[ts]
-        a_prev = torch.stack([abar[t - ratio] if t - ratio >= 0 else one for t in ts])
+        a_prev = torch.stack([abar[p] if p >= 0 else final for p in prev])
         beta_prod_t = 1 - a_t
         beta_prod_prev = 1 - a_prev
         # the order of DDIMScheduler._get_variance and step
@@ -372,7 +382,11 @@ class Schedule:
         rows = torch.zeros(len(ts), COEF_COLS, dtype=dtype)
         self._x0_columns(rows, a_t ** 0.5, beta_prod_t ** 0.5)
         rows[:, C0] = a_prev ** 0.5
-        if self.prediction_type == "epsilon":                # ε̂ = the output
+        if use_clipped_model_output:
+            # ε̂ from the clipped x̂0: ε̂ = (x − √ᾱ_t x̂0) / √(1−ᾱ_t), folded into C0 and C1
+            rows[:, C0] = a_prev ** 0.5 - c_eps * a_t ** 0.5 / beta_prod_t ** 0.5
+            rows[:, C1] = c_eps / beta_prod_t ** 0.5
+        elif self.prediction_type == "epsilon":              # ε̂ = the output
             rows[:, C2] = c_eps
         elif self.prediction_type == "v_prediction":         # ε̂ = √ᾱ·v + √(1−ᾱ)·x
             rows[:, C1] = c_eps * beta_prod_t ** 0.5

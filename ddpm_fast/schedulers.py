@@ -21,8 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .schedule import (C0, C1, C2, COEF_COLS, DDPM_SCHEDULER_DEFAULTS, SIGMA, T_COL, Schedule,
-                       check_scheduler_config)
+from .schedule import DDPM_SCHEDULER_DEFAULTS, Schedule, check_scheduler_config
 
 # DDIMScheduler's arguments (diffusers 0.42) with their defaults.
 DDIM_SCHEDULER_DEFAULTS = {
@@ -184,41 +183,7 @@ def read_scheduler(scheduler) -> tuple[str, dict]:
 def ddim_table(schedule: Schedule, timesteps, eta: float = 0.0, set_alpha_to_one: bool = True,
                use_clipped_model_output: bool = False) -> torch.Tensor:
     """Step-table rows (schedule.py's layout) of diffusers' DDIMScheduler.step over `timesteps`
-    (a run of set_timesteps(len(timesteps))). "diffusers" numerics repeat its float32 ops (ε-
-    prediction without use_clipped_model_output: bit for bit); "float64" numerics form the same
-    coefficients in float64 and cast once."""
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
-    ts = schedule._check_timesteps(timesteps)
-    n_train = schedule.num_timesteps
-    ratio = n_train // len(ts)
-    f32 = schedule.numerics == "diffusers"
-    dtype = torch.float32 if f32 else torch.float64
-    abar = (torch.cumprod(1.0 - schedule.betas.float(), dim=0) if f32
-            else schedule.alphas_cumprod)
-    final = torch.tensor(1.0, dtype=dtype) if set_alpha_to_one else abar[0]
-    a_t = abar[ts]
-    a_prev = torch.stack([abar[t - ratio] if t - ratio >= 0 else final for t in ts])
-    beta_prod_t = 1 - a_t
-    beta_prod_prev = 1 - a_prev
-    variance = (beta_prod_prev / beta_prod_t) * (1 - a_t / a_prev)
-    std = eta * variance ** 0.5
-    c_eps = (1 - a_prev - std ** 2) ** 0.5
-    rows = torch.zeros(len(ts), COEF_COLS, dtype=dtype)
-    schedule._x0_columns(rows, a_t ** 0.5, beta_prod_t ** 0.5)
-    rows[:, C0] = a_prev ** 0.5
-    if use_clipped_model_output:
-        # ε̂ from the clipped x̂0: ε̂ = (x − √ᾱ_t x̂0) / √(1−ᾱ_t), folded into C0 and C1
-        rows[:, C0] = a_prev ** 0.5 - c_eps * a_t ** 0.5 / beta_prod_t ** 0.5
-        rows[:, C1] = c_eps / beta_prod_t ** 0.5
-    elif schedule.prediction_type == "epsilon":
-        rows[:, C2] = c_eps                          # ε̂ = the model output
-    elif schedule.prediction_type == "v_prediction":
-        rows[:, C1] = c_eps * beta_prod_t ** 0.5     # ε̂ = √ᾱ·v + √(1−ᾱ)·x
-        rows[:, C2] = c_eps * a_t ** 0.5
-    else:                                            # sample: ε̂ = (x − √ᾱ·out) / √(1−ᾱ)
-        rows[:, C1] = c_eps / beta_prod_t ** 0.5
-        rows[:, C2] = -(c_eps * a_t ** 0.5 / beta_prod_t ** 0.5)
-    rows[:, SIGMA] = std
-    rows[:, T_COL] = torch.tensor(ts, dtype=dtype)
-    return rows.float()
+    with these DDIMScheduler settings: Schedule.ddim_table (the one home of the formula; its
+    docstring gives the previous-timestep rule and numerics)."""
+    return schedule.ddim_table(timesteps, eta, set_alpha_to_one=set_alpha_to_one,
+                               use_clipped_model_output=use_clipped_model_output)

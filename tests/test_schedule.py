@@ -70,6 +70,23 @@ def test_ddim_table_eta0_is_deterministic():
     assert tab[-1, C0] == 1.0          # ᾱ_prev = 1 at the end: x_prev = x̂0
 
 
+def test_ddim_table_previous_timestep_rule():
+    s = Schedule.linear()
+    abar = s.alphas_cumprod
+    # any decreasing subset: ᾱ_prev is the run's next timestep (1 after the last)
+    tab = s.ddim_table([999, 500, 0])
+    want = torch.stack([abar[500], abar[0], torch.tensor(1.0, dtype=torch.float64)]) ** 0.5
+    torch.testing.assert_close(tab[:, C0].double(), want, rtol=1e-6, atol=1e-7)
+    # a run of timesteps(n): diffusers' rule t − T // n, even where it is not the next step
+    s = Schedule.linear(timestep_spacing="linspace")
+    ts = s.timesteps(3)                      # [999, 500, 0]: t − 333 is 666 for 999
+    assert ts == [999, 500, 0]
+    tab = s.ddim_table(ts)
+    want = torch.stack([abar[t - 333] if t >= 333 else torch.tensor(1.0, dtype=torch.float64)
+                        for t in ts]) ** 0.5
+    torch.testing.assert_close(tab[:, C0].double(), want, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("bad", [dict(num_inference_steps=0), dict(num_inference_steps=1001)])
 def test_bad_step_counts(bad):
     with pytest.raises(ValueError, match="num_inference_steps"):
