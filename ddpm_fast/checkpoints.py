@@ -152,6 +152,10 @@ def _unwrap_state_dict(obj, path, weights: str = "ema") -> tuple[dict, str]:
             key = next((k for k in keys if k in obj), None)
             if key is None:
                 break
+            if key == "ema" and weights == "raw":
+                raise CheckpointError(f"{path}: weights='raw' asks for the trained weights, but "
+                                      "it holds only EMA weights (an 'ema' entry, no 'state_dict'"
+                                      "/'model'/'net'); load it with weights='ema'")
             raw_key = next((k for k in ("state_dict", "model", "net") if k in obj), None)
             if has_ema and raw_key is not None:
                 taken = (f"EMA weights (its {key!r} entry; the raw weights are {raw_key!r})"

@@ -277,6 +277,14 @@ def test_ddim_repo_checkpoint_without_ema_takes_the_model(tmp_path):
     assert "no EMA weights" in ours.loaded_weights
 
 
+def test_raw_weights_of_an_ema_only_dict_are_refused(tmp_path):
+    ema = _original_model(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
+    torch.save({"ema": ema.state_dict(), "step": 3}, tmp_path / "ckpt.pth")
+    _same_outputs(load_unet(tmp_path / "ckpt.pth", sample_size=16), ema)
+    with pytest.raises(CheckpointError, match="weights='raw'.*only EMA weights"):
+        load_unet(tmp_path / "ckpt.pth", sample_size=16, weights="raw")
+
+
 def test_training_run_raw_weights(tmp_path):
     from ddpm_fast.training import DIGITS_CONFIG, TrainConfig, digits_dataset, train
 
