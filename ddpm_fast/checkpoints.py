@@ -293,7 +293,9 @@ def load_scheduler_config(path: str | os.PathLike) -> dict:
         if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None \
                 and entry[1] != "DDPMScheduler":
             raise CheckpointError(f"{index}: scheduler class {entry[1]!r} is not supported: "
-                                  "ddpm_fast samples with DDPMScheduler only")
+                                  "a folder must carry a DDPMScheduler config; a "
+                                  "DDIMScheduler is supported only as an object assigned to "
+                                  "pipe.scheduler after loading")
     for candidate in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json"):
         if candidate.is_file():
             config = _read_json(candidate)

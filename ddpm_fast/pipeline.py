@@ -319,7 +319,8 @@ class DDPMPipeline:
 
     @classmethod
     def from_diffusers(cls, pipe, **kwargs) -> "DDPMPipeline":
-        """From a diffusers DDPMPipeline object (same weights, same scheduler settings)."""
+        """From a diffusers DDPMPipeline object (same weights, same scheduler settings). Its
+        scheduler must be a DDPMScheduler; assign a DDIMScheduler to pipe.scheduler after."""
         # a scheduler object's config does not name its class: say it, so that only a
         # DDPMScheduler is accepted
         config = {**dict(pipe.scheduler.config), "_class_name": type(pipe.scheduler).__name__}

@@ -73,9 +73,11 @@ def check_scheduler_config(config: dict) -> dict:
         raise ValueError(f"scheduler config must be a dict, got {type(config).__name__}")
     cls = config.get("_class_name", "DDPMScheduler")
     if cls != "DDPMScheduler":
-        raise ValueError(f"scheduler _class_name {cls!r} is not supported: ddpm_fast samples "
-                         "with DDPMScheduler only (its DDIM sampler is an extra with its own "
-                         "settings, not diffusers' DDIMScheduler)")
+        raise ValueError(f"scheduler _class_name {cls!r} is not supported here: a scheduler "
+                         "config (a folder's scheduler_config.json, from_diffusers / accelerate)"
+                         " must be a DDPMScheduler's; a DDIMScheduler is supported only as an "
+                         "object assigned to pipe.scheduler (e.g. pipe.scheduler = ddpm_fast."
+                         "schedulers.DDIMScheduler.from_config(pipe.scheduler.config))")
     used_defaults = config.get("_use_default_values", [])
     given = {k: v for k, v in config.items()
              if not k.startswith("_") and k not in used_defaults}
