@@ -109,7 +109,10 @@ class _Scheduler:
 
     @classmethod
     def _validate(cls, settings: dict) -> dict:
-        raise NotImplementedError
+        """The complete, checked settings; each scheduler class (DDPMScheduler, DDIMScheduler)
+        defines its own."""
+        raise NotImplementedError(f"{cls.__name__} is abstract: use DDPMScheduler or "
+                                  "DDIMScheduler")
 
     @classmethod
     def from_config(cls, config=None, **kwargs):

@@ -99,18 +99,23 @@ def test_conv_autotuning_changes_no_image(monkeypatch):
     torch.testing.assert_close(runs[0], runs[1], atol=1e-4, rtol=0)
 
 
-def test_bf16_fast_matches_fp32_reference_statistics():
-    unet = _tiny()
+def _bf16_run_against_fp32(runner: FastRunner) -> torch.Tensor:
+    """50 steps of 512 tiny-model images with `runner` and with an fp32 eager runner, same noise:
+    per-channel mean/std within 0.02. Returns the runner's images."""
     s = Schedule.linear()
     ts = s.timesteps(50)
     table = s.step_table(ts, "fixed_large")
-    ref = FastRunner(unet, "cuda", dtype=torch.float32, use_graphs=False,
+    ref = FastRunner(_tiny(), "cuda", dtype=torch.float32, use_graphs=False,
                      compile=False).sample(table, ts, 512, 1)
-    fast = FastRunner(unet, "cuda").sample(table, ts, 512, 1)      # bf16, compiled, graphs
-    assert torch.isfinite(fast).all()
-    # same noise, bf16 U-Net: per-channel mean/std within 0.02 of the fp32 run
+    out = runner.sample(table, ts, 512, 1)
+    assert torch.isfinite(out).all()
     for dim_stats in (lambda v: v.mean(dim=(0, 2, 3)), lambda v: v.std(dim=(0, 2, 3))):
-        torch.testing.assert_close(dim_stats(fast), dim_stats(ref), atol=2e-2, rtol=0)
+        torch.testing.assert_close(dim_stats(out), dim_stats(ref), atol=2e-2, rtol=0)
+    return out
+
+
+def test_bf16_fast_matches_fp32_reference_statistics():
+    _bf16_run_against_fp32(FastRunner(_tiny(), "cuda"))          # bf16, compiled, graphs
 
 
 @pytest.mark.parametrize("backend", ["triton"])      # GroupNorm's native kernel is CPU-only
@@ -243,17 +248,12 @@ def test_conv_unet_cuda_matches_reference():
 
 def test_conv_kernels_bf16_sampling_with_graphs():
     """FastRunner(kernels="conv"): bf16, CUDA graphs; same per-channel statistics as fp32."""
-    unet = _tiny()
+    fast = FastRunner(_tiny(), "cuda", kernels="conv")
+    out = _bf16_run_against_fp32(fast)
     s = Schedule.linear()
     ts = s.timesteps(50)
-    table = s.step_table(ts, "fixed_large")
-    ref = FastRunner(unet, "cuda", dtype=torch.float32, use_graphs=False,
-                     compile=False).sample(table, ts, 512, 1)
-    fast = FastRunner(unet, "cuda", kernels="conv")
-    out = fast.sample(table, ts, 512, 1)
-    assert torch.equal(out, fast.sample(table, ts, 512, 1))      # graph replay is deterministic
-    for dim_stats in (lambda v: v.mean(dim=(0, 2, 3)), lambda v: v.std(dim=(0, 2, 3))):
-        torch.testing.assert_close(dim_stats(out), dim_stats(ref), atol=2e-2, rtol=0)
+    again = fast.sample(s.step_table(ts, "fixed_large"), ts, 512, 1)
+    assert torch.equal(out, again)                                  # graph replay is deterministic
 
 
 def test_conv_unet_pdl_changes_nothing(monkeypatch):
