@@ -32,7 +32,8 @@ from benchmarks.conv2d_layers import CIFAR_LAYERS, make_inputs  # noqa: E402
 from ddpm_fast.kernels.triton import conv2d as conv_kernel  # noqa: E402
 from ddpm_fast.ops.conv2d import conv_padding, output_size  # noqa: E402
 
-TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                torch.int64: "i64", torch.int32: "i32"}
 
 
 class Recorder:
