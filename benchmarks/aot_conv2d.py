@@ -81,23 +81,33 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def launcher_args(args: dict) -> dict:
-    """The op's keyword arguments (benchmarks/conv2d_layers.make_inputs) as the launcher's."""
+    """The op's keyword arguments (benchmarks/conv2d_layers.make_inputs) as the launcher's, as
+    the "conv" U-Net calls it: a norm over x alone from its producer's finished group statistics,
+    over cat([x, skip]) as a per-(image, channel) affine; y's group statistics finished for the
+    next norm (32 groups) except after the upsampling (read with a skip) and by conv_out."""
     x, weight = args["x"], args["weight"]
+    n, cout = x.shape[0], weight.shape[0]
     skip = args.get("skip")
     cin = x.shape[1] + (0 if skip is None else skip.shape[1])
-    affine = {}
-    if "norm" in args:       # the op hands the launcher the norm as per-(image, channel) affine
-        affine = {k: torch.empty(x.shape[0], cin, device=x.device) for k in ("scale", "shift")}
+    affine, group_norm = {}, None
+    if "norm" in args and skip is None:
+        norm_w, norm_b, groups, eps = args["norm"]
+        group_norm = (torch.empty(n, groups, 3, device=x.device), norm_w, norm_b, eps)
+    elif "norm" in args:
+        affine = {k: torch.empty(n, cin, device=x.device) for k in ("scale", "shift")}
     shortcut = None
     if "shortcut" in args:
         sc_in, sc_w, sc_b = args["shortcut"]
         sc_x, sc_skip = (sc_in, None) if torch.is_tensor(sc_in) else sc_in
         shortcut = (sc_x, sc_skip, sc_w, sc_b)
+    upsample = args.get("upsample", False)
     return dict(x=x, weight=weight, bias=args.get("bias"), stride=args.get("stride", 1),
                 pad=conv_padding(args.get("padding"), tuple(weight.shape[2:])),
-                upsample=args.get("upsample", False), skip=skip, scale=affine.get("scale"),
+                upsample=upsample, skip=skip, scale=affine.get("scale"),
                 shift=affine.get("shift"), silu=args.get("silu", False), temb=args.get("temb"),
-                residual=args.get("residual"), shortcut=shortcut, return_stats=True)
+                residual=args.get("residual"), shortcut=shortcut, return_stats=True,
+                group_norm=group_norm,
+                stats_groups=32 if cout % 32 == 0 and not upsample else 0)
 
 
 def compile_layer(layer, batch: int, arch: int) -> dict:

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # the same computation with the modules the U-Net is made of (what the op must equal); the
 # per-layer benchmark times it as the stock baseline
 from benchmarks.conv2d_layers import torch_composite as _plain  # noqa: E402
-from ddpm_fast.ops.conv2d import Norm, conv2d, norm_affine, per_channel_stats
+from ddpm_fast.ops.conv2d import (ConvStats, Norm, channel_stats, conv2d, group_stats,
+                                  norm_affine, per_channel_stats)
 
 BACKENDS = ["torch"] + TRITON
 EPS = 1e-6
@@ -143,10 +144,15 @@ def test_opcheck_and_compile(backend):
     c = _case(1, 16, 16, 4, 4, groups=4)
     temb = _randn(1, 16, seed=5)
     with use_backend(backend):
-        torch.library.opcheck(torch.ops.ddpm_fast.conv2d.default,
-                              (c["x"], c["weight"], c["bias"], 1, [1, 1, 1, 1], False, None,
-                               c["norm"][0], c["norm"][1], 4, EPS, None, None, True, temb, None,
-                               None, None, None, None, False))
+        op = torch.ops.ddpm_fast.conv2d.default
+        torch.library.opcheck(op, (c["x"], c["weight"], c["bias"], 1, [1, 1, 1, 1], False, None,
+                                   c["norm"][0], c["norm"][1], 4, EPS, None, None, None, True,
+                                   temb, None, None, None, None, None, False, 0))
+        x_stats = channel_stats(c["x"])     # group statistics in, and finished ones out
+        torch.library.opcheck(op, (c["x"], c["weight"], c["bias"], 1, [1, 1, 1, 1], False, None,
+                                   c["norm"][0], c["norm"][1], 4, EPS, x_stats,
+                                   None, group_stats(x_stats, 4), True, temb, None, None, None,
+                                   None, None, True, 8))
         f = torch.compile(lambda x: conv2d(x * 1, c["weight"], c["bias"], norm=c["norm"],
                                            silu=True, temb=temb), fullgraph=True)
         torch.testing.assert_close(f(c["x"]), conv2d(c["x"], c["weight"], c["bias"],
@@ -304,3 +310,73 @@ def test_unet_conv_kernels_honour_reference_attention_and_refuse_training_dropou
     cfg = UNetConfig(**{**PRESETS["tiny"].__dict__, "dropout": 0.1})
     with pytest.raises(RuntimeError, match="for inference"):
         UNet2DModel(cfg).train().set_kernels("conv")(x, t)
+
+
+def _count_finalizers(monkeypatch):
+    """Counts the Triton path's separate norm-finalizer launches."""
+    from ddpm_fast.kernels.triton import conv2d as triton_conv
+
+    calls = []
+    real = triton_conv.norm_affine
+    monkeypatch.setattr(triton_conv, "norm_affine",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_producer_finishes_group_stats_for_the_next_norm(backend, monkeypatch):
+    """stats_groups=G: the producer also returns y's G groups' (count, mean, M2), equal to the
+    merge of its partials (Triton: merged by each image's last program, here with 16×16 tiles so
+    that an image has 4 × 3 programs); a following conv2d whose norm has G groups reads them with
+    no finalizer launch and equals the same conv given only the partials; the per-image ticket
+    counters are zero again after the launch."""
+    if backend == "triton":
+        from ddpm_fast.kernels.triton import conv2d as triton_conv
+
+        monkeypatch.setattr(triton_conv, "tile_config", lambda *a: (16, 16, 16, 4, 1))
+    finalizers = _count_finalizers(monkeypatch) if backend == "triton" else []
+    c = _case(3, 16, 40, 7, 9, groups=4)
+    x = c["x"] * 5 + 100                       # a large mean: the merge must not cancel
+    w2 = _randn(24, 40, 3, 3, seed=21, scale=0.05)
+    norm2 = (1 + 0.2 * _randn(40, seed=22), 0.2 * _randn(40, seed=23), 4, EPS)
+    with use_backend(backend):
+        y, stats = conv2d(x, c["weight"], c["bias"], return_stats=True, stats_groups=4)
+        assert isinstance(stats, ConvStats) and stats.groups.shape == (3, 4, 3)
+        want = group_stats(stats.partials, 4)
+        torch.testing.assert_close(stats.groups[..., 0], want[..., 0])
+        torch.testing.assert_close(stats.groups[..., 1:], want[..., 1:], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(group_stats(channel_stats(y), 4), want, rtol=1e-4, atol=1e-3)
+        if backend == "triton":
+            from ddpm_fast.kernels.triton.conv2d import _TICKETS
+
+            assert all(int(t.abs().sum()) == 0 for t in _TICKETS.values())
+        from_groups = conv2d(y, w2, None, norm=norm2, norm_stats=stats, silu=True)
+        assert finalizers == []
+        from_partials = conv2d(y, w2, None, norm=norm2, norm_stats=stats.partials, silu=True)
+        assert len(finalizers) == (1 if backend == "triton" else 0)
+        # a norm with other groups cannot use them: the partials serve
+        other = conv2d(y, w2, None, norm=norm2[:2] + (8, EPS), norm_stats=stats, silu=True)
+    scale = from_partials.abs().max().item()
+    assert (from_groups - from_partials).abs().max().item() <= 1e-5 * scale
+    with use_backend("torch"):
+        expect_other = conv2d(y, w2, None, norm=norm2[:2] + (8, EPS), silu=True)
+    assert (other - expect_other).abs().max().item() <= 1e-4 * scale
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (interpreter on CPU)")
+def test_conv_unet_runs_a_finalizer_only_for_concatenations(monkeypatch):
+    """Under "conv" kernels every norm reads its producer's finished group statistics except the
+    up blocks' norms over cat([h, skip]), which merge partials in a launch of their own."""
+    from ddpm_fast.unet import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel("tiny").eval()
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([3])
+    with torch.no_grad():
+        expect = unet(x, t)
+        unet.set_kernels("conv")
+        finalizers = _count_finalizers(monkeypatch)
+        with use_backend("triton"):
+            got = unet(x, t)
+    assert len(finalizers) == sum(len(b.resnets) for b in unet.up_blocks)
+    assert (got - expect).abs().max().item() <= 1e-4 * expect.abs().max().item()

@@ -18,7 +18,12 @@ Statistics format: fp32 [N, T, C, 3] of per-channel partials (count, mean, M2) o
 each image's pixels (the reference writes T = 1, the Triton kernel one partial per output tile).
 They are merged with Chan et al.'s formula into per-group mean and variance, never as
 E[x²] − E[x]², and being per channel they concatenate along C, so the norm of cat([x, skip]) takes
-(stats of x, stats of skip) even when a group straddles the boundary.
+(stats of x, stats of skip) even when a group straddles the boundary. Turning partials into a
+norm's scale and shift is a small pass of its own (one launch per norm) unless the producer was
+told the next norm's groups (`stats_groups=G`): then its last program per image also merges them
+into [N, G, 3] group statistics (a `ConvStats`), which the consumer's prologue reads directly. The
+U-Net does this for every norm over one activation; the up blocks' norms over cat([h, skip]) keep
+their finalizer launch (12 of the CIFAR model's 51 norms).
 
 Backends: the torch reference below defines the op and runs on CPU by default; the Triton
 implicit-GEMM kernel (kernels/triton/conv2d.py) runs on CUDA, and on CPU tensors under
@@ -46,6 +51,15 @@ class Norm(NamedTuple):
     eps: float
 
 
+class ConvStats(NamedTuple):
+    """What `return_stats=True, stats_groups=G` returns beside y: the per-channel partials
+    [N, T, C, 3] and y's G groups' (count, mean, M2) [N, G, 3], finished by the producer itself
+    (its last program per image, on the Triton path), so that a following norm with G groups
+    over y alone needs no pass of its own. A norm over cat([y, skip]) uses the partials."""
+    partials: torch.Tensor
+    groups: torch.Tensor
+
+
 # ---------------------------------------------------------------------- statistics
 def chan_merge(count, mean, m2, dim: int):
     """Merge partial (count, mean, M2) along `dim` (Chan, Golub & LeVeque): numerically safe for
@@ -68,6 +82,14 @@ def per_channel_stats(stats: torch.Tensor) -> torch.Tensor:
     """[N, T, C, 3] partials → [N, C, 3], merged over tiles."""
     count, mean, m2 = chan_merge(stats[..., 0], stats[..., 1], stats[..., 2], dim=1)
     return torch.stack([count, mean, m2], dim=-1)
+
+
+def group_stats(stats: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, T, C, 3] partials → [N, groups, 3]: each group's (count, mean, M2)."""
+    per_channel = per_channel_stats(stats)
+    n, c, _ = per_channel.shape
+    grouped = per_channel.view(n, groups, c // groups, STAT_FIELDS)
+    return torch.stack(chan_merge(grouped[..., 0], grouped[..., 1], grouped[..., 2], dim=2), -1)
 
 
 def norm_affine(stats: Sequence[torch.Tensor], norm: Norm):
@@ -115,7 +137,8 @@ def _memory_format(x: torch.Tensor):
 
 
 def _check(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups, stats_x,
-           stats_skip, temb, residual, sc_x, sc_skip, sc_w, sc_b):
+           stats_skip, temb, residual, sc_x, sc_skip, sc_w, sc_b, groups_x=None,
+           stats_groups=0):
     """Shapes, dtypes and devices, before anything runs: each message names the argument."""
     def same_device(name, t):
         torch._check(t.device == x.device,
@@ -163,6 +186,15 @@ def _check(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups,
                                  f"{s.dtype} {tuple(s.shape)}")
     torch._check(stats_skip is None or skip is not None,
                  lambda: "conv2d: norm_stats for skip given without skip")
+    if groups_x is not None:
+        same_device("norm_stats' groups", groups_x)
+        torch._check(stats_x is not None and groups_x.shape == (n, groups, STAT_FIELDS)
+                     and groups_x.dtype == torch.float32,
+                     lambda: f"conv2d: norm_stats' group statistics must be fp32 "
+                             f"[{n}, {groups}, 3], got {groups_x.dtype} {tuple(groups_x.shape)}")
+    torch._check(stats_groups >= 0 and (stats_groups == 0 or weight.shape[0] % stats_groups == 0),
+                 lambda: f"conv2d: stats_groups {stats_groups} must divide the "
+                         f"{weight.shape[0]} output channels")
     if temb is not None:
         same_device("temb", temb)
         torch._check(temb.dim() == 2 and temb.shape[0] in (1, n) and temb.shape[1] == cout,
@@ -227,9 +259,11 @@ def conv2d_reference(x, weight, bias=None, *, stride=1, pad=(1, 1, 1, 1), upsamp
 
 # ---------------------------------------------------------------------- the op
 def _impl(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups, eps, stats_x,
-          stats_skip, silu, temb, residual, sc_x, sc_skip, sc_w, sc_b, return_stats):
+          stats_skip, groups_x, silu, temb, residual, sc_x, sc_skip, sc_w, sc_b, return_stats,
+          stats_groups):
     ho, wo = _check(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups,
-                    stats_x, stats_skip, temb, residual, sc_x, sc_skip, sc_w, sc_b)
+                    stats_x, stats_skip, temb, residual, sc_x, sc_skip, sc_w, sc_b, groups_x,
+                    stats_groups)
     norm = None if norm_w is None else Norm(norm_w, norm_b, groups, eps)
     stats = None
     if norm is not None:     # each part's statistics: from its producer, else computed here
@@ -237,27 +271,35 @@ def _impl(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups, 
         if skip is not None:
             stats.append(channel_stats(skip) if stats_skip is None else stats_skip)
     shortcut = None if sc_w is None else (sc_x, sc_skip, sc_w, sc_b)
+    y_groups = None
     which = backend.select("conv2d", x.device)
     if which == "triton":
         from ..kernels.triton import conv2d as triton_conv
 
-        if norm is not None:
+        scale = shift = group_norm = None
+        if norm is not None and groups_x is not None and skip is None:
+            group_norm = (groups_x, norm.weight, norm.bias, norm.eps)   # finished by the producer
+        elif norm is not None:
             with _native.on_device(x):
                 scale, shift = triton_conv.norm_affine(stats, *norm)
-        else:
-            scale = shift = None
         y = torch.empty(x.shape[0], weight.shape[0], ho, wo, dtype=x.dtype, device=x.device,
                         memory_format=_memory_format(x))
         with _native.on_device(x):
-            y_stats = triton_conv.conv2d(y, x, weight, bias, stride=stride, pad=pad,
-                                         upsample=upsample, skip=skip, scale=scale,
-                                         shift=shift, silu=silu, temb=temb, residual=residual,
-                                         shortcut=shortcut, return_stats=return_stats)
+            y_stats, y_groups = triton_conv.conv2d(
+                y, x, weight, bias, stride=stride, pad=pad, upsample=upsample, skip=skip,
+                scale=scale, shift=shift, silu=silu, temb=temb, residual=residual,
+                shortcut=shortcut, return_stats=return_stats, group_norm=group_norm,
+                stats_groups=stats_groups)
     else:   # torch, or "native" (no C++/CUDA convolution of ours: torch's is that backend)
         y, y_stats = conv2d_reference(x, weight, bias, stride=stride, pad=pad,
                                       upsample=upsample, skip=skip, norm=norm, norm_stats=stats,
                                       silu=silu, temb=temb, residual=residual, shortcut=shortcut)
-    return y, (y_stats if return_stats else y.new_empty(0, dtype=torch.float32))
+        if stats_groups:
+            y_groups = group_stats(y_stats, stats_groups)
+    def empty():             # a fresh one each: a custom op's outputs may not alias
+        return y.new_empty(0, dtype=torch.float32)
+    return (y, y_stats if return_stats else empty(),
+            y_groups if y_groups is not None else empty())
 
 
 @torch.library.custom_op("ddpm_fast::conv2d", mutates_args=())
@@ -265,35 +307,50 @@ def conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
               pad: Sequence[int], upsample: bool, skip: Optional[torch.Tensor],
               norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
               groups: int, eps: float, stats_x: Optional[torch.Tensor],
-              stats_skip: Optional[torch.Tensor], silu: bool, temb: Optional[torch.Tensor],
-              residual: Optional[torch.Tensor], sc_x: Optional[torch.Tensor],
-              sc_skip: Optional[torch.Tensor], sc_weight: Optional[torch.Tensor],
-              sc_bias: Optional[torch.Tensor], return_stats: bool
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              stats_skip: Optional[torch.Tensor], groups_x: Optional[torch.Tensor], silu: bool,
+              temb: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+              sc_x: Optional[torch.Tensor], sc_skip: Optional[torch.Tensor],
+              sc_weight: Optional[torch.Tensor], sc_bias: Optional[torch.Tensor],
+              return_stats: bool, stats_groups: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _impl(x, weight, bias, stride, tuple(pad), upsample, skip, norm_weight, norm_bias,
-                 groups, eps, stats_x, stats_skip, silu, temb, residual, sc_x, sc_skip,
-                 sc_weight, sc_bias, return_stats)
+                 groups, eps, stats_x, stats_skip, groups_x, silu, temb, residual, sc_x, sc_skip,
+                 sc_weight, sc_bias, return_stats, stats_groups)
 
 
 @conv2d_op.register_fake
 def _(x, weight, bias, stride, pad, upsample, skip, norm_weight, norm_bias, groups, eps, stats_x,
-      stats_skip, silu, temb, residual, sc_x, sc_skip, sc_weight, sc_bias, return_stats):
+      stats_skip, groups_x, silu, temb, residual, sc_x, sc_skip, sc_weight, sc_bias,
+      return_stats, stats_groups):
     ho, wo = _check(x, weight, bias, stride, tuple(pad), upsample, skip, norm_weight, norm_bias,
                     groups, stats_x, stats_skip, temb, residual, sc_x, sc_skip, sc_weight,
-                    sc_bias)
+                    sc_bias, groups_x, stats_groups)
     y = torch.empty(x.shape[0], weight.shape[0], ho, wo, dtype=x.dtype, device=x.device,
                     memory_format=_memory_format(x))
-    if not return_stats:
-        return y, x.new_empty(0, dtype=torch.float32)
-    tiles = torch.library.get_ctx().new_dynamic_size()
-    return y, x.new_empty(x.shape[0], tiles, weight.shape[0], STAT_FIELDS, dtype=torch.float32)
+    stats = x.new_empty(0, dtype=torch.float32)
+    if return_stats:
+        tiles = torch.library.get_ctx().new_dynamic_size()
+        stats = x.new_empty(x.shape[0], tiles, weight.shape[0], STAT_FIELDS, dtype=torch.float32)
+    y_groups = (x.new_empty(x.shape[0], stats_groups, STAT_FIELDS, dtype=torch.float32)
+                if stats_groups else x.new_empty(0, dtype=torch.float32))
+    return y, stats, y_groups
+
+
+def _split_stats(entry, groups: int, alone: bool):
+    """A norm_stats entry (partials, or a producer's ConvStats) → (partials, group statistics
+    usable by this norm or None). Group statistics serve only a norm over x alone with the
+    same number of groups; otherwise the partials are merged as usual."""
+    if isinstance(entry, ConvStats):
+        usable = alone and entry.groups.shape[1] == groups
+        return entry.partials, entry.groups if usable else None
+    return entry, None
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
            stride: int = 1, padding=None, upsample: bool = False,
            skip: Optional[torch.Tensor] = None, norm=None, norm_stats=None, silu: bool = False,
            temb: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-           shortcut=None, return_stats: bool = False):
+           shortcut=None, return_stats: bool = False, stats_groups: int = 0):
     """The op `ddpm_fast::conv2d` (module docstring): y, or (y, stats) with return_stats.
 
     norm: (weight, bias, groups, eps) of the GroupNorm on the (concatenated) input.
@@ -301,25 +358,36 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     None entry) computes that part's statistics here, in a separate pass.
     shortcut: (input, weight, bias) or ((x, skip), weight, bias), a 1×1 convolution of the raw
     input added to y.
+    stats_groups: with return_stats, also finish y's statistics for a following GroupNorm with
+    this many groups: stats is then a ConvStats (partials, groups), and a conv2d whose norm has
+    those groups over y alone reads them without a finalizer pass.
     """
     pad = conv_padding(padding, tuple(weight.shape[2:]))
     norm_w = norm_b = None
     groups, eps = 1, 0.0
     if norm is not None:
         norm_w, norm_b, groups, eps = Norm(*norm)
-    stats_x = stats_skip = None
+    stats_x = stats_skip = groups_x = None
     if norm_stats is not None:
-        if isinstance(norm_stats, torch.Tensor):
+        if isinstance(norm_stats, (torch.Tensor, ConvStats)):
             norm_stats = (norm_stats,)
         if len(norm_stats) != (1 if skip is None else 2):
             raise ValueError("conv2d: norm_stats takes one entry per input part "
                              f"({'x' if skip is None else 'x and skip'}), got {len(norm_stats)}")
         stats_x, stats_skip = (tuple(norm_stats) + (None,))[:2]     # None: computed here
+        if stats_x is not None:
+            stats_x, groups_x = _split_stats(stats_x, groups, skip is None)
+        if stats_skip is not None:
+            stats_skip, _ = _split_stats(stats_skip, groups, False)
     sc_x = sc_skip = sc_w = sc_b = None
     if shortcut is not None:
         sc_in, sc_w, sc_b = shortcut
         sc_x, sc_skip = (sc_in, None) if isinstance(sc_in, torch.Tensor) else sc_in
-    y, stats = conv2d_op(x, weight, bias, int(stride), list(pad), bool(upsample), skip, norm_w,
-                         norm_b, int(groups), float(eps), stats_x, stats_skip, bool(silu), temb,
-                         residual, sc_x, sc_skip, sc_w, sc_b, bool(return_stats))
-    return (y, stats) if return_stats else y
+    stats_groups = int(stats_groups) if return_stats else 0
+    y, stats, y_groups = conv2d_op(x, weight, bias, int(stride), list(pad), bool(upsample), skip,
+                                   norm_w, norm_b, int(groups), float(eps), stats_x, stats_skip,
+                                   groups_x, bool(silu), temb, residual, sc_x, sc_skip, sc_w,
+                                   sc_b, bool(return_stats), stats_groups)
+    if not return_stats:
+        return y
+    return y, (ConvStats(stats, y_groups) if stats_groups else stats)

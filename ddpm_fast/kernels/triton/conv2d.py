@@ -9,7 +9,10 @@ past x's), transformed u·scale + shift → SiLU, then zeroed where the tap fall
 after the SiLU, since silu(shift) ≠ 0. Upsampling reads pixel (ih // 2, iw // 2).
 Epilogue (registers, before the store): + bias + temb + residual; the 1×1 shortcut runs as extra
 reduction steps over the raw shortcut input into the same accumulator. With STATS each program
-writes its tile's per-channel (count, mean, M2), two-pass over the fp32 accumulator.
+writes its tile's per-channel (count, mean, M2), two-pass over the fp32 accumulator; with
+GROUP_STATS it then takes a ticket (an atomic per-image counter) and the image's last program
+merges all the image's partials into the next norm's group statistics, so that the consumer's
+prologue (NORM_FROM_GROUPS) needs no finalizer launch in between.
 
 Weights are read through their strides: a [Cout, Cin, KH, KW] tensor whose memory is laid out
 [KH, KW, Cin, Cout] (what the fast runner stores) makes the B tile's rows contiguous.
@@ -61,7 +64,13 @@ def _conv2d_kernel(
     scb_ptr,        # shortcut bias [Cout]
     y_ptr,          # [N, Cout, Ho, Wo] strides sy_*
     stats_ptr,      # [N, tiles_m, Cout, 3] fp32 contiguous (STATS)
+    gin_ptr,        # [N, groups_in, 3] fp32: the input norm's group statistics (NORM_FROM_GROUPS)
+    gamma_ptr,      # [Cx] fp32: the input norm's weight (NORM_FROM_GROUPS)
+    beta_ptr,       # [Cx] fp32: the input norm's bias (NORM_FROM_GROUPS)
+    gout_ptr,       # [N, groups_out, 3] fp32: y's group statistics, written (GROUP_STATS)
+    ticket_ptr,     # [≥ N] int32 zeros: programs finished per image (GROUP_STATS)
     Cx, Cs, H, W, Cout, Ho, Wo, Cscx, Cscs, pad_top, pad_left,
+    groups_in, eps_in, groups_out,
     sx_n, sx_c, sx_h, sx_w, ss_n, ss_c, ss_h, ss_w,
     sw_co, sw_c, sw_h, sw_w,
     st_n, st_c, sr_n, sr_c, sr_h, sr_w,
@@ -71,7 +80,8 @@ def _conv2d_kernel(
     HAS_SKIP: tl.constexpr, HAS_NORM: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_TEMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SC: tl.constexpr,
     SC_HAS_SKIP: tl.constexpr, SC_HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr,
+    NORM_FROM_GROUPS: tl.constexpr, GROUP_STATS: tl.constexpr, CPG_OUT: tl.constexpr,
+    BLOCK_T: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     if PDL:     # let the next kernel launch now; wait for the previous one before any access
@@ -131,9 +141,13 @@ def _conv2d_kernel(
         ptrs = src + (ih * s_h + iw * s_w)[:, None] + c[None, :] * s_c
         a_mask = inside[:, None] & c_mask[None, :]
         a = tl.load(ptrs, mask=a_mask, other=0.0)
-        if HAS_NORM or SILU:
+        if HAS_NORM or NORM_FROM_GROUPS or SILU:
             a = a.to(tl.float32)
-            if HAS_NORM:
+            if NORM_FROM_GROUPS:   # x alone, its producer finished the groups' statistics
+                sc, sh = _group_affine(gin_ptr, gamma_ptr, beta_ptr, n, c_global, c_mask,
+                                       groups_in, Cx // groups_in, eps_in)
+                a = a * sc[None, :] + sh[None, :]
+            elif HAS_NORM:
                 sc = tl.load(scale_ptr + n * cin + c_global, mask=c_mask, other=0.0)
                 sh = tl.load(shift_ptr + n * cin + c_global, mask=c_mask, other=0.0)
                 a = a * sc[None, :] + sh[None, :]
@@ -191,13 +205,53 @@ def _conv2d_kernel(
         tl.store(s, tl.zeros_like(mean) + rows, mask=co_mask)
         tl.store(s + 1, mean, mask=co_mask)
         tl.store(s + 2, m2, mask=co_mask)
+        if GROUP_STATS:
+            # Each program takes a ticket after its partials are written (the barrier orders
+            # the CTA's stores before the release); the image's last one merges them all.
+            tl.debug_barrier()
+            last = tl.num_programs(0) * tl.num_programs(1) - 1
+            if tl.atomic_add(ticket_ptr + n, 1, sem="acq_rel") == last:
+                tl.debug_barrier()
+                _finish_groups(stats_ptr, gout_ptr, n, tl.num_programs(0), Cout, groups_out,
+                               BLOCK_T, CPG_OUT)
+                tl.store(ticket_ptr + n, 0)         # zeros again for the next launch
+
+
+@triton.jit
+def _group_affine(g_ptr, gamma_ptr, beta_ptr, n, c, c_mask, groups, cpg, eps):
+    """Per-channel (scale, shift) of GroupNorm from its groups' (count, mean, M2) [N, G, 3]."""
+    g = g_ptr + (n * groups + c // cpg) * 3
+    count = tl.load(g, mask=c_mask, other=1.0)
+    mean = tl.load(g + 1, mask=c_mask, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.load(g + 2, mask=c_mask, other=0.0) / count + eps)
+    scale = tl.load(gamma_ptr + c, mask=c_mask, other=0.0) * rstd
+    return scale, tl.load(beta_ptr + c, mask=c_mask, other=0.0) - mean * scale
+
+
+@triton.jit
+def _finish_groups(stats_ptr, gout_ptr, n, T, C, groups, BLOCK_T: tl.constexpr,
+                   CPG: tl.constexpr):
+    """One image's per-tile partials [T, C, 3] → its groups' (count, mean, M2) [groups, 3]."""
+    cpg = C // groups
+    for g in range(groups):
+        c = g * cpg + tl.arange(0, CPG)
+        in_group = tl.arange(0, CPG) < cpg
+        count, total = _merge_part(stats_ptr, n, T, C, c, in_group, 0.0, BLOCK_T, CPG, False,
+                                   True)
+        mean = total / count
+        m2, _ = _merge_part(stats_ptr, n, T, C, c, in_group, mean, BLOCK_T, CPG, True, True)
+        out = gout_ptr + (n * groups + g) * 3
+        tl.store(out, count)
+        tl.store(out + 1, mean)
+        tl.store(out + 2, m2)
 
 
 @triton.jit
 def _merge_part(stats_ptr, n, T, Cp, c, c_mask, shift_mean, BLOCK_T: tl.constexpr,
-                CPG: tl.constexpr, SECOND_PASS: tl.constexpr):
+                CPG: tl.constexpr, SECOND_PASS: tl.constexpr, OTHER_PROGRAMS: tl.constexpr):
     """Over one input part's partials [N, T, Cp, 3] of channels c: Σ count and Σ count·mean, or
-    (second pass, given the group mean) Σ M2 + count·(mean − group mean)²."""
+    (second pass, given the group mean) Σ M2 + count·(mean − group mean)². OTHER_PROGRAMS:
+    partials this launch's other programs wrote, read from L2 (.cg), not a stale L1 line."""
     tt = tl.arange(0, BLOCK_T)
     a = tl.zeros((BLOCK_T, CPG), dtype=tl.float32)
     b = tl.zeros((BLOCK_T, CPG), dtype=tl.float32)
@@ -205,11 +259,19 @@ def _merge_part(stats_ptr, n, T, Cp, c, c_mask, shift_mean, BLOCK_T: tl.constexp
         t = t0 + tt
         m = (t < T)[:, None] & c_mask[None, :]
         base = stats_ptr + ((n * T + t)[:, None] * Cp + c[None, :]) * 3
-        cnt = tl.load(base, mask=m, other=0.0)
-        mean = tl.load(base + 1, mask=m, other=0.0)
+        if OTHER_PROGRAMS:
+            cnt = tl.load(base, mask=m, other=0.0, cache_modifier=".cg")
+            mean = tl.load(base + 1, mask=m, other=0.0, cache_modifier=".cg")
+        else:
+            cnt = tl.load(base, mask=m, other=0.0)
+            mean = tl.load(base + 1, mask=m, other=0.0)
         if SECOND_PASS:
             d = mean - shift_mean
-            a += tl.load(base + 2, mask=m, other=0.0) + cnt * d * d
+            if OTHER_PROGRAMS:
+                m2 = tl.load(base + 2, mask=m, other=0.0, cache_modifier=".cg")
+            else:
+                m2 = tl.load(base + 2, mask=m, other=0.0)
+            a += m2 + cnt * d * d
         else:
             a += cnt
             b += cnt * mean
@@ -234,17 +296,18 @@ def _norm_affine_kernel(
     in_group = tl.arange(0, CPG) < cpg
     # Chan's merge in two passes over the partials: the group mean, then M2 about it
     count, total = _merge_part(s0_ptr, n, T0, C0, cc, in_group & (cc < C0), 0.0, BLOCK_T, CPG,
-                               False)
+                               False, False)
     if HAS_SKIP:
         count1, total1 = _merge_part(s1_ptr, n, T1, C1, cc - C0, in_group & (cc >= C0), 0.0,
-                                     BLOCK_T, CPG, False)
+                                     BLOCK_T, CPG, False, False)
         count += count1
         total += total1
     mean = total / count
-    m2, _ = _merge_part(s0_ptr, n, T0, C0, cc, in_group & (cc < C0), mean, BLOCK_T, CPG, True)
+    m2, _ = _merge_part(s0_ptr, n, T0, C0, cc, in_group & (cc < C0), mean, BLOCK_T, CPG, True,
+                        False)
     if HAS_SKIP:
         m2_skip, _ = _merge_part(s1_ptr, n, T1, C1, cc - C0, in_group & (cc >= C0), mean,
-                                 BLOCK_T, CPG, True)
+                                 BLOCK_T, CPG, True, False)
         m2 += m2_skip
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
     scale = tl.load(w_ptr + cc, mask=in_group, other=0.0) * rstd
@@ -311,9 +374,27 @@ def _strides(t, dims=4):
     return tuple(t.stride()) if t is not None else (0,) * dims
 
 
+_TICKETS: dict = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """Per-image ticket counters, zero between launches (each image's last program resets its
+    own). One buffer per device, shared by launches in stream order; grown, never shrunk, and
+    first made outside CUDA-graph capture by the runner's eager warm-up run."""
+    buf = _TICKETS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _TICKETS[device] = buf
+    return buf
+
+
 def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, silu, temb,
-           residual, shortcut, return_stats):
-    """Launch into y [N, Cout, Ho, Wo]; returns the stats [N, tiles, Cout, 3] or None."""
+           residual, shortcut, return_stats, group_norm=None, stats_groups=0):
+    """Launch into y [N, Cout, Ho, Wo]; returns the stats [N, tiles, Cout, 3] (or None) and,
+    with stats_groups = G, also y's group statistics [N, G, 3] (else None).
+
+    group_norm: (group statistics of x [N, G, 3], weight, bias, eps): the input norm computed
+    in the prologue from its producer's finished groups, instead of (scale, shift)."""
     n, cx, h, w = x.shape
     cout, _, kh, kw = weight.shape
     ho, wo = y.shape[2:]
@@ -324,14 +405,24 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
     bm, bn, bk, warps, stages = tile_config(n, ho * wo, cout, max(cx, cs, cscx, cscs),
                                             x.dtype, INTERPRET or x.device.type == "cpu")
     tiles_m = triton.cdiv(ho * wo, bm)
+    return_stats = return_stats or stats_groups > 0
     stats = (torch.empty(n, tiles_m, cout, 3, dtype=torch.float32, device=x.device)
              if return_stats else None)
+    groups = (torch.empty(n, stats_groups, 3, dtype=torch.float32, device=x.device)
+              if stats_groups else None)
     if scale is not None:
         scale, shift = scale.contiguous(), shift.contiguous()
     dummy = weight       # any valid pointer for arguments a constexpr switches off
+    gin = gamma = beta = None
+    groups_in, eps_in = 1, 0.0
+    if group_norm is not None:
+        gin, gamma, beta, eps_in = group_norm
+        gin, groups_in = gin.contiguous(), gin.shape[1]
+        gamma, beta = gamma.float().contiguous(), beta.float().contiguous()
     temb_strides = (0, 0) if temb is None else (temb.stride(0) if temb.shape[0] > 1 else 0,
                                                 temb.stride(1))
     sc_w2 = None if sc_w is None else sc_w.reshape(cout, -1)
+    cpg_out = cout // stats_groups if stats_groups else 1
     grid = (tiles_m, triton.cdiv(cout, bn), n)
     _conv2d_kernel[grid](
         x, skip if skip is not None else dummy, weight,
@@ -341,7 +432,11 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
         sc_x if sc_x is not None else dummy, sc_skip if sc_skip is not None else dummy,
         sc_w2 if sc_w2 is not None else dummy, sc_b if sc_b is not None else dummy,
         y, stats if stats is not None else dummy,
+        gin if gin is not None else dummy, gamma if gamma is not None else dummy,
+        beta if beta is not None else dummy, groups if groups is not None else dummy,
+        _tickets(x.device, n) if stats_groups else dummy,
         cx, cs, h, w, cout, ho, wo, cscx, cscs, pad[2], pad[0],
+        groups_in, float(eps_in), max(stats_groups, 1),
         *x.stride(), *_strides(skip), *weight.stride(),
         *temb_strides, *_strides(residual),
         *_strides(sc_x), *_strides(sc_skip), *_strides(sc_w2, 2),
@@ -350,7 +445,9 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
         HAS_NORM=scale is not None, SILU=silu, HAS_BIAS=bias is not None,
         HAS_TEMB=temb is not None, HAS_RES=residual is not None, HAS_SC=sc_w is not None,
         SC_HAS_SKIP=sc_skip is not None, SC_HAS_BIAS=sc_b is not None, STATS=return_stats,
-        IEEE=x.dtype == torch.float32,
+        NORM_FROM_GROUPS=group_norm is not None, GROUP_STATS=stats_groups > 0,
+        CPG_OUT=max(2, triton.next_power_of_2(cpg_out)),
+        BLOCK_T=min(64, triton.next_power_of_2(tiles_m)), IEEE=x.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         **_pdl_options())
-    return stats
+    return stats, groups
