@@ -8,15 +8,13 @@ that names the file and what is wrong, before any work is done.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write_bytes
 from .unet import UNet2DModel, UNetConfig
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
@@ -394,58 +392,6 @@ def original_to_diffusers(sd: dict, source, sample_size: int | None = None) -> t
 
 
 # ------------------------------------------------------------------ writing
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path):
-    """Yield a binary file to fill: a temporary file in the same folder, fsynced and renamed to
-    `path` on success, removed on failure. Readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())     # mkstemp's 0600 would hide outputs from others
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:      # say which file could not be written
-            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """`data` written to `path` atomically (atomic_file)."""
-    with atomic_file(path) as f:
-        f.write(data)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path):
-    """Yield a temporary sibling folder to fill; on success it replaces `path` by a rename, on
-    failure it is removed. Readers see the old folder or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
 
 def save_pretrained(unet: UNet2DModel, path: str | os.PathLike,
                     scheduler_config: dict | None = None, dtype=torch.float32) -> Path:

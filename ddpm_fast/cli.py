@@ -3,10 +3,8 @@ any work is done; outputs are written atomically, so a failed run leaves nothing
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 EXAMPLES = {
@@ -80,29 +78,15 @@ def batch_size_arg(text):
 
 
 def check_output(path: Path, overwrite: bool, suffixes=(".png", ".npz", "")) -> Path:
-    if path.suffix.lower() not in suffixes:
-        raise UsageError(f"--out {path}: use .png (grid), .npz (arrays) or a folder name")
-    if path.exists() and not overwrite:
-        raise UsageError(f"--out {path} exists (pass --overwrite to replace it)")
-    check_writable(path.parent)
-    return path
+    """--out's checks, before any work (images.check_output), as one-line usage errors."""
+    from .images import check_output as check
 
-
-def check_writable(folder: Path) -> None:
-    """Fail before any work if outputs could not be created under `folder` (or the nearest part
-    of it that exists: missing folders are created when writing)."""
-    import tempfile
-
-    existing = folder.resolve()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"cannot write under {folder}: {existing} is not a folder")
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UsageError(f"cannot write under {folder}: {e.strerror or e}")
+        return check(path, overwrite, suffixes)
+    except FileExistsError:
+        raise UsageError(f"--out {path} exists (pass --overwrite to replace it)") from None
+    except ValueError as e:
+        raise UsageError(f"--out {e}") from None
 
 
 def resolve_device(name: str):
@@ -140,51 +124,10 @@ def load_pipeline(args, device):
         raise UsageError(f"{path}: {e}")
 
 
-def progress_bar(total: int, images: int, desc: str):
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
-    start = time.perf_counter()
-
-    def update(n):
-        bar.update(n)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix_str(f"{images * bar.n / max(bar.total, 1) / max(elapsed, 1e-9):.2f} img/s",
-                            refresh=False)
-    return bar, update
-
-
 # ---------------------------------------------------------------------- subcommands
 
-def write_images(out: Path, pieces, seeds: list[int], args, steps: int) -> None:
-    """The final output, atomically: a PNG grid, an .npz (uint8 NHWC, as FID tools read it, with
-    the seeds), or a folder with one PNG per seed named by it. `pieces` yields uint8 [n, H, W, C]
-    arrays in seed order; only the grid needs them all in memory at once."""
-    import numpy as np
-
-    from . import images as io
-
-    suffix = out.suffix.lower()
-    if suffix == ".png":
-        io.save_png(out, io.make_grid(np.concatenate(list(pieces)), scale=args.scale))
-    elif suffix == ".npz":
-        pieces = iter(pieces)
-        first = next(pieces)                  # its shape gives the header's image shape
-        stream = io.StreamedArray((len(seeds), *first.shape[1:]), np.uint8,
-                                  itertools.chain([first], pieces))
-        # arr_0 first: the key npz evaluators (guided-diffusion's) read, and data.load_array's
-        io.save_npz(out, arr_0=stream, seeds=np.asarray(seeds, np.int64),
-                    seed=np.int64(args.seed), steps=np.int64(steps))
-    else:
-        io.save_folder(out, (im for piece in pieces for im in piece),
-                       names=[f"{s:06d}.png" for s in seeds])
-
-
 def cmd_sample(args) -> int:
-    import os
-
     from . import distributed
-    from . import images as io
 
     out = Path(args.out)
     try:
@@ -192,72 +135,23 @@ def cmd_sample(args) -> int:
     except ValueError as e:
         raise UsageError(f"--{e}")
     # resumable shards for explicit seed lists and multi-process runs; plain runs stay in memory
-    sharded = args.seeds is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    parts = out.with_name(out.name + ".parts")
-    resuming = sharded and (parts / "run.json").is_file()
+    resumable = args.seeds is not None or distributed.launched_by_torchrun()
+    resuming = resumable and out.with_name(out.name + ".parts").joinpath("run.json").is_file()
     check_output(out, args.overwrite or resuming)
     device = resolve_device(args.device)
     pipe = load_pipeline(args, device)
-    steps = args.steps or (50 if args.sampler == "ddim" else pipe.schedule.num_timesteps)
-    if steps > pipe.schedule.num_timesteps:
-        raise UsageError(f"--steps {steps} exceeds the model's {pipe.schedule.num_timesteps} "
-                         "timesteps")
     if args.batch_size == "auto":
         args.batch_size = pipe.max_batch_size()
         print(f"--batch-size auto: {args.batch_size}", file=sys.stderr)
-    store = None
-    if sharded:
-        c = pipe.unet.config
-        settings = {"model": str(Path(args.model).resolve()) if args.model else "default",
-                    "mode": args.mode, "dtype": str(pipe.runner.dtype) if args.mode == "fast"
-                    else "float32", "sampler": args.sampler, "steps": steps, "eta": args.eta,
-                    "variance": args.variance or pipe.variance, "seed": args.seed,
-                    "image": [c.sample_size, c.sample_size, c.in_channels]}
-        # every scheduler setting (defaults filled in), one key each: a folder whose
-        # scheduler_config.json was edited since is another run, refused naming the setting
-        model_path = Path(args.model) if args.model else default_model_path()
-        settings.update({f"scheduler.{k}": v for k, v in scheduler_settings(model_path).items()})
-        store = distributed.ShardStore(parts, settings)
-        try:
-            store.check(args.overwrite)
-        except ValueError as e:
-            raise UsageError(str(e))
-        distributed.init_from_env(device)
-        if distributed.is_main():
-            store.create(args.overwrite)
-        distributed.barrier()
-        work = distributed.my_shards(seeds, store, args.shard_size)
-    else:
-        work = [seeds]
-    runs = sum(len(distributed.contiguous_runs(w, args.batch_size)) for w in work)
-    rank, size = distributed.world()
-    bar, update = progress_bar(steps * runs, sum(map(len, work)),
-                               "sampling" if size == 1 else f"sampling (rank {rank}/{size})")
-
-    def sample_batch(first: int, count: int):
-        x = pipe(batch_size=count, seed=args.seed, first_image=first, num_inference_steps=steps,
-                 output_type="pt", sampler=args.sampler, eta=args.eta, variance=args.variance,
-                 progress=update).images
-        return io.to_uint8(x * 2 - 1)        # back to model space for to_uint8
-
-    with bar:
-        if store is None:
-            pieces = [sample_batch(f, n) for f, n in
-                      distributed.contiguous_runs(seeds, args.batch_size)]
-        else:
-            fault = os.environ.get("DDPM_FAST_TEST_KILL_AFTER_SHARDS")
-            distributed.sample_to_shards(sample_batch, work, store, args.batch_size,
-                                         int(fault) if fault and rank == size - 1 else None)
-    if store is not None:
-        distributed.barrier()
-        if not distributed.is_main():
-            return 0
-        pieces = store.iter_images(seeds)
-    write_images(out, pieces, seeds, args, steps)
-    kind = "GPU memory" if device.type == "cuda" else "resident memory of the process"
-    peak = (f"; peak {kind} {pipe.last_peak_memory / 2**30:.2f} GiB"
-            if pipe.last_peak_memory else "")
-    print(f"wrote {len(seeds)} images to {out}" + (f" (shards in {parts})" if store else "") + peak)
+    run = distributed.sample_to_file(
+        pipe, seeds, out, batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
+        num_inference_steps=args.steps, sampler=args.sampler, eta=args.eta,
+        variance=args.variance, resumable=resumable, overwrite=args.overwrite, scale=args.scale)
+    if run.wrote:
+        kind = "GPU memory" if device.type == "cuda" else "resident memory of the process"
+        peak = f"; peak {kind} {run.peak_memory / 2**30:.2f} GiB" if run.peak_memory else ""
+        shards = f" (shards in {run.parts})" if run.parts else ""
+        print(f"wrote {len(seeds)} images to {out}{shards}{peak}")
     return 0
 
 
@@ -416,8 +310,8 @@ def non_default_settings(config: dict) -> str:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoints import (CheckpointError, atomic_dir, load_scheduler_config, load_unet,
-                              save_pretrained)
+    from .atomic import atomic_dir
+    from .checkpoints import CheckpointError, load_scheduler_config, load_unet, save_pretrained
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -468,12 +362,12 @@ def cmd_eval(args) -> int:
               for k in ("total", "prior", "decoder", "kl")}
     result["images"] = int(data.shape[0])
     if digit_model:
-        from .images import to_uint8
+        from .images import unit_to_uint8
         from .quality import real_scores, score
 
         x = pipe(batch_size=args.samples, seed=args.seed, num_inference_steps=args.steps,
                  output_type="pt").images
-        result["quality"] = score(to_uint8(x * 2 - 1)).as_dict()
+        result["quality"] = score(unit_to_uint8(x)).as_dict()
         result["quality_real_digits"] = real_scores().as_dict()
     print(json.dumps({"bits_per_dim": result}, indent=1))
     return 0

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .images import to_model_space, unit_to_model
+
 # The last DIGITS_HELD_OUT of scikit-learn's 1,797 digits are never trained on: bits/dim and the
 # figures' "real images" come from them, so reported likelihoods are held-out numbers.
 DIGITS_HELD_OUT = 297
@@ -36,12 +38,7 @@ def digits_dataset(size: int = 8, split: str = "all") -> torch.Tensor:
         x = x[-DIGITS_HELD_OUT:]
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return (x.clamp(0, 1) * 2 - 1).contiguous()
-
-
-def to_model_space(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels [N, C, H, W] → float32 in [-1, 1]; float images pass through unchanged."""
-    return images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images
+    return unit_to_model(x.clamp(0, 1)).contiguous()
 
 
 def from_nhwc_uint8(images: np.ndarray, as_uint8: bool = False) -> torch.Tensor:

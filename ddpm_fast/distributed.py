@@ -6,12 +6,18 @@ runs as a single process (rank 0 of 1).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
+
+from .atomic import atomic_write_bytes
 
 
 def world() -> tuple[int, int]:
@@ -25,9 +31,14 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_from_env(device: torch.device) -> bool:
     """Join the process group torchrun describes; False when not launched by torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if not launched_by_torchrun() or dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -131,13 +142,11 @@ class ShardStore:
             return False
         diff = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
         raise ValueError(f"{self.folder} holds shards of a run with other settings ({', '.join(diff)})"
-                         ": use another --out, or --overwrite to start over")
+                         ": write to another output, or overwrite to start over")
 
     def create(self, overwrite: bool = False) -> None:
         """Rank 0 only: (re)create the folder and run.json, drop temporaries of killed writers."""
         import shutil
-
-        from .checkpoints import atomic_write_bytes
 
         if not self.check(overwrite):
             shutil.rmtree(self.folder)
@@ -150,8 +159,6 @@ class ShardStore:
 
     def finished(self) -> dict[int, Path]:
         """seed → shard file, for every shard whose manifest matches its bytes."""
-        import hashlib
-
         done = {}
         for manifest in sorted(self.folder.glob("shard-*.json")):
             npz = manifest.with_suffix(".npz")
@@ -165,12 +172,9 @@ class ShardStore:
         return done
 
     def write(self, seeds: list[int], images) -> Path:
-        import hashlib
         import io
 
         import numpy as np
-
-        from .checkpoints import atomic_write_bytes
 
         buf = io.BytesIO()
         np.savez(buf, arr_0=images, seeds=np.asarray(seeds, np.int64))   # images.SAMPLES_KEY
@@ -224,15 +228,194 @@ def my_shards(seeds: list[int], store: ShardStore, shard_size: int) -> list[list
     return [todo[i:i + shard_size] for i in range(0, len(todo), shard_size)][rank::size]
 
 
-def sample_to_shards(sample_batch, shards: list[list[int]], store: ShardStore, batch_size: int,
-                     fault_after: int | None = None) -> None:
+def check_seeds(seeds: Union[str, Iterable[int]]) -> list[int]:
+    """Image seeds as a list: a string is parse_seeds'; a sequence must hold distinct integers in
+    [0, 2**32) (ValueError naming the first bad one)."""
+    if isinstance(seeds, str):
+        return parse_seeds(seeds)
+    seeds, seen = list(seeds), set()
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) and not hasattr(s, "__index__"):
+            raise ValueError(f"seeds: {s!r} is not an integer")
+        if not 0 <= int(s) <= MAX_SEED:
+            raise ValueError(f"seeds: {s} is outside [0, {MAX_SEED}]")
+        if int(s) in seen:
+            raise ValueError(f"seeds: {s} appears twice")
+        seen.add(int(s))
+    if not seeds:
+        raise ValueError("seeds: no seeds given")
+    if len(seeds) > MAX_IMAGES:
+        raise ValueError(f"seeds: more than {MAX_IMAGES} images in one run")
+    return [int(s) for s in seeds]
+
+
+def sample_to_shards(sample_batch, shards: list[list[int]], store: ShardStore,
+                     batch_size: int) -> None:
     """Sample and write each shard; `sample_batch(first, count)` returns uint8 images for seeds
     first..first+count-1. Which shard or rank an image lands in never changes the image."""
     import numpy as np
 
-    for written, shard in enumerate(shards, 1):
+    for shard in shards:
         images = [sample_batch(first, count) for first, count in contiguous_runs(shard, batch_size)]
         store.write(shard, np.concatenate(images))
-        if fault_after is not None and written >= fault_after:   # test hook: die like kill -9
-            import signal
-            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------- sampling to a file
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes): the same weights, however
+    they were loaded, give the same digest."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def run_settings(pipe, *, seed: int, steps: int, sampler: str, eta: float,
+                 variance: Optional[str], clip: Optional[bool]) -> dict:
+    """Everything that decides a run's images, read from the pipeline itself (its weights, mode,
+    U-Net dtype, numerics and every scheduler setting, defaults filled in) and the sampling
+    arguments. Shards of runs whose settings differ are never mixed."""
+    from .schedulers import read_scheduler
+
+    kind, scheduler = read_scheduler(pipe.scheduler)
+    c = pipe.unet.config
+    settings = {"weights": weights_digest(pipe.unet), "mode": pipe.mode, "dtype": str(pipe.dtype),
+                "numerics": pipe.numerics, "sampler": sampler, "steps": steps, "eta": eta,
+                "variance": variance or pipe.variance, "clip": clip, "seed": seed,
+                "image": [c.in_channels, c.sample_size, c.sample_size], "scheduler": kind}
+    # one key per scheduler setting: a refusal names the setting that changed
+    settings.update({f"scheduler.{k}": v for k, v in scheduler.items()})
+    return settings
+
+
+@dataclass
+class SampleResult:
+    """What sample_to_file did in this process."""
+    out: Path                 # the output file or folder (rank 0 writes it)
+    seeds: list               # the image seeds, in the output's order
+    sampled: int              # images this process sampled (finished shards are not redone)
+    parts: Optional[Path]     # the shard folder, kept so that a rerun resumes (None: in memory)
+    wrote: bool               # this process wrote `out` (rank 0; other ranks return earlier)
+    peak_memory: Optional[int] = None   # bytes, the largest pipe.last_peak_memory of the calls
+
+
+def progress_bar(total_steps: int, images: int, desc: str):
+    """A tqdm bar over sampler steps that also shows images per second; (bar, update)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+    start = time.perf_counter()
+
+    def update(n):
+        bar.update(n)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{images * bar.n / max(bar.total, 1) / max(elapsed, 1e-9):.2f} img/s",
+                            refresh=False)
+    return bar, update
+
+
+def _positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def sample_to_file(pipe, seeds: Union[str, Iterable[int]], out, *, batch_size: Union[int, str] = 64,
+                   shard_size: int = 256, seed: int = 0, num_inference_steps: Optional[int] = None,
+                   sampler: Optional[str] = None, eta: float = 0.0, variance: Optional[str] = None,
+                   clip: Optional[bool] = None, resumable: bool = True, overwrite: bool = False,
+                   scale: int = 4, progress: Union[None, bool, Callable[[int], None]] = None
+                   ) -> SampleResult:
+    """Sample image `s` for every seed `s` of `seeds` with `pipe` and write them to `out`: a .png
+    grid (pixels scaled by `scale`), an .npz (uint8 "arr_0" [N, H, W, C] and "seeds") or a
+    folder of PNGs named by seed. Image s depends only on (`seed`, s), never on the batch size,
+    the shard or the number of processes.
+
+    resumable=True: finished shards of `shard_size` images go to OUT.parts/ (each written
+    atomically with a checksummed manifest), a rerun with the same settings samples only what is
+    missing, and rank 0 merges the shards into `out` at the end (the folder is kept). A folder of
+    a run with other settings (weights, mode, dtype, sampler, steps, eta, variance, clip, seed,
+    any scheduler setting) is refused naming them; overwrite=True starts it over. Under torchrun
+    (WORLD_SIZE > 1) the process group is joined here and the shards are shared by the ranks.
+    resumable=False: one process samples in memory and writes `out`, nothing else.
+
+    The other arguments are the pipeline call's: num_inference_steps (default: every timestep
+    for ddpm, 50 for ddim), sampler (default: the scheduler's), eta, variance, clip.
+    batch_size="auto": the largest batch that fits (pipe.max_batch_size()). progress: None shows
+    a tqdm bar, False nothing, a callable is given the number of steps finished.
+    Bad arguments raise ValueError (an existing `out`, FileExistsError) before any work; `out`
+    appears whole or not at all."""
+    from .images import check_output, save_samples, unit_to_uint8
+    from .schedule import VARIANCE_TYPES
+    from .schedulers import read_scheduler
+
+    seeds, out = check_seeds(seeds), Path(out)
+    parts = out.with_name(out.name + ".parts")
+    check_output(out, overwrite or (resumable and (parts / "run.json").is_file()))
+    if not resumable and launched_by_torchrun():
+        raise ValueError("resumable=False samples in one process; under torchrun the ranks "
+                         "share the work through the shards (resumable=True)")
+    if batch_size == "auto":
+        batch_size = pipe.max_batch_size()
+    batch_size, shard_size = _positive(batch_size, "batch_size"), _positive(shard_size, "shard_size")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    sampler = sampler or read_scheduler(pipe.scheduler)[0]
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    total = pipe.schedule.num_timesteps
+    steps = num_inference_steps or (50 if sampler == "ddim" else total)
+    if _positive(steps, "num_inference_steps") > total:
+        raise ValueError(f"num_inference_steps {steps} exceeds the model's {total} timesteps")
+    if variance is not None and variance not in VARIANCE_TYPES:
+        raise ValueError(f"variance must be one of {VARIANCE_TYPES}, got {variance!r}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+
+    store, work = None, [seeds]
+    if resumable:
+        store = ShardStore(parts, run_settings(pipe, seed=seed, steps=steps, sampler=sampler,
+                                               eta=eta, variance=variance, clip=clip))
+        store.check(overwrite)                      # every rank: refuse before any work
+        init_from_env(pipe.device)
+        if is_main():
+            store.create(overwrite)
+        barrier()
+        work = my_shards(seeds, store, shard_size)
+    rank, size = world()
+    update, bar = progress, None
+    if progress is None:
+        runs = sum(len(contiguous_runs(w, batch_size)) for w in work)
+        bar, update = progress_bar(steps * runs, sum(map(len, work)),
+                                   "sampling" if size == 1 else f"sampling (rank {rank}/{size})")
+    elif progress is False:
+        update = lambda n: None                    # noqa: E731
+    peak = []
+
+    def sample_batch(first: int, count: int):
+        x = pipe(batch_size=count, seed=seed, first_image=first, num_inference_steps=steps,
+                 output_type="pt", sampler=sampler, eta=eta, variance=variance, clip=clip,
+                 progress=update).images
+        peak.append(pipe.last_peak_memory or 0)
+        return unit_to_uint8(x)
+
+    try:
+        if store is None:
+            pieces = [sample_batch(f, n) for f, n in contiguous_runs(seeds, batch_size)]
+        else:
+            sample_to_shards(sample_batch, work, store, batch_size)
+    finally:
+        if bar is not None:
+            bar.close()
+    result = SampleResult(out, seeds, sum(map(len, work)), parts if store else None, False,
+                          max(peak, default=0) or None)
+    if store is not None:
+        barrier()
+        if not is_main():
+            return result
+        pieces = store.iter_images(seeds)
+    save_samples(out, pieces, seeds, scale=scale, seed=seed, steps=steps)
+    result.wrote = True
+    return result

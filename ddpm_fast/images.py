@@ -1,7 +1,14 @@
-"""Image output: uint8 conversion, grids, and atomic PNG / NPZ / folder writes."""
+"""Pixels and image files: the one home of the conversions between model space [-1, 1], [0, 1]
+and uint8, grids, and atomic PNG / NPZ / folder writes (sample outputs included).
+
+Conversions (diffusers' arithmetic, so images match theirs byte for byte):
+  model space [-1, 1] --model_to_unit--> [0, 1] --unit_to_uint8--> uint8 [B, H, W, C]
+  uint8 [B, C, H, W] --to_model_space--> model space;  unit_to_model: [0, 1] → [-1, 1]
+"""
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import zipfile
 from pathlib import Path
@@ -10,13 +17,35 @@ from typing import Iterable, NamedTuple
 import numpy as np
 import torch
 
-from .checkpoints import atomic_dir, atomic_file, atomic_write_bytes
+from .atomic import atomic_dir, atomic_file, atomic_write_bytes, check_writable
+
+
+def model_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Model-space images [-1, 1] → [0, 1], clamped (diffusers' `(x / 2 + 0.5).clamp(0, 1)`)."""
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+def unit_to_model(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] → model space [-1, 1]."""
+    return x * 2 - 1
+
+
+def unit_to_uint8(x) -> np.ndarray:
+    """Images in [0, 1], torch [B, C, H, W] or numpy [B, H, W, C] → uint8 [B, H, W, C]
+    (rounded to nearest, as diffusers' numpy_to_pil; values outside [0, 1] saturate)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Model-space [-1, 1] images [B, C, H, W] → uint8 [B, H, W, C] (as diffusers rounds them)."""
-    image = (x.detach().float().cpu() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    return (image * 255).round().astype(np.uint8)
+    return unit_to_uint8(model_to_unit(x.detach().float()))
+
+
+def to_model_space(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [N, C, H, W] → float32 in [-1, 1]; float images pass through unchanged."""
+    return images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2, scale: int = 1
@@ -110,3 +139,45 @@ def save_folder(path: Path, images: Iterable[np.ndarray], names: Iterable[str]) 
     with atomic_dir(path) as tmp:
         for name, im in zip(names, images, strict=True):
             (tmp / name).write_bytes(png_bytes(im))
+
+
+# ---------------------------------------------------------------------- sample outputs
+
+SAMPLE_OUTPUTS = {".png": ".png (grid)", ".npz": ".npz (arrays)", "": "a folder name"}
+
+
+def check_output(path: Path, overwrite: bool = False, suffixes=tuple(SAMPLE_OUTPUTS)) -> Path:
+    """Before any work: ValueError if `path` is not one of the output kinds `suffixes` names or
+    could not be written, FileExistsError if it exists and `overwrite` is False."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        kinds = [SAMPLE_OUTPUTS[s] for s in suffixes]
+        raise ValueError(f"{path}: use {', '.join(kinds[:-1])}{' or ' if len(kinds) > 1 else ''}"
+                         f"{kinds[-1]}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+    check_writable(path.parent)
+    return path
+
+
+def save_samples(path: Path, pieces: Iterable[np.ndarray], seeds: list[int], scale: int = 4,
+                 **scalars) -> None:
+    """Sampled images, atomically, by the suffix of `path`: a PNG grid (pixels scaled by
+    `scale`), an .npz (uint8 [N, H, W, C] under "arr_0", as FID tools read it, with "seeds" and
+    the integer `scalars`), or a folder with one PNG per seed named by it. `pieces` yields uint8
+    [n, H, W, C] arrays in seed order; only the grid needs them all in memory at once."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        save_png(path, make_grid(np.concatenate(list(pieces)), scale=scale))
+    elif suffix == ".npz":
+        pieces = iter(pieces)
+        first = next(pieces)                  # its shape gives the header's image shape
+        stream = StreamedArray((len(seeds), *first.shape[1:]), np.uint8,
+                               itertools.chain([first], pieces))
+        # arr_0 first: the key npz evaluators (guided-diffusion's) read, and data.load_array's
+        save_npz(path, arr_0=stream, seeds=np.asarray(seeds, np.int64),
+                 **{k: np.int64(v) for k, v in scalars.items()})
+    else:
+        save_folder(path, (im for piece in pieces for im in piece),
+                    names=[f"{s:06d}.png" for s in seeds])

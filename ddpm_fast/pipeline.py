@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoints, memory
+from .images import model_to_unit, unit_to_uint8
 from .sampling import NoiseSource, ddim_sample, ddpm_sample, sample_loop
 from .schedule import Schedule, check_scheduler_config
 from .unet import UNet2DModel
@@ -33,15 +34,18 @@ class ImagePipelineOutput:
 
 def to_output(x: torch.Tensor, output_type: str):
     """Model-space images in [-1, 1] → diffusers' output types (same conversion as diffusers)."""
-    image = (x / 2 + 0.5).clamp(0, 1)
+    image = model_to_unit(x)
     if output_type == "pt":
         return image
     image = image.cpu().permute(0, 2, 3, 1).numpy()
-    if output_type == "np":
-        return image
+    return image if output_type == "np" else to_pil(image)
+
+
+def to_pil(image: np.ndarray) -> list:
+    """Images in [0, 1], numpy [B, H, W, C] → PIL images (grey for one channel)."""
     from PIL import Image
 
-    u8 = (image * 255).round().astype("uint8")
+    u8 = unit_to_uint8(image)
     if u8.shape[-1] == 1:
         return [Image.fromarray(im.squeeze(-1), mode="L") for im in u8]
     return [Image.fromarray(im) for im in u8]
@@ -243,7 +247,7 @@ class DDPMPipeline:
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[None]
-        return to_output(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1, "pil")
+        return to_pil(images)
 
     # ------------------------------------------------------------------ diffusers' knobs
     def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:

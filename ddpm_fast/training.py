@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import atomic_dir, atomic_write_bytes
+from .atomic import atomic_dir, atomic_write_bytes
 from .data import digits_dataset  # noqa: F401  (re-exported: the shipped model's data)
 from .data import to_model_space
 from .sampling import q_sample

@@ -118,9 +118,9 @@ def test_output_folder_not_writable(tmp_path, capsys, model_dir):
 
 
 def test_disk_full_during_shard_write(tmp_path, capsys, model_dir, monkeypatch):
-    import ddpm_fast.checkpoints as checkpoints
+    import ddpm_fast.atomic as atomic
 
-    real_fsync, calls = checkpoints.os.fsync, []
+    real_fsync, calls = atomic.os.fsync, []
 
     def fsync(fd):
         calls.append(fd)
@@ -128,7 +128,7 @@ def test_disk_full_during_shard_write(tmp_path, capsys, model_dir, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(checkpoints.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
     out = tmp_path / "s.npz"
     code, err = run(capsys, "sample", "--model", model_dir, "--seeds", "0-5", "--shard-size", 2,
                     "--batch-size", 2, "--steps", 2, "--out", out)
