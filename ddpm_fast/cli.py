@@ -139,6 +139,8 @@ def cmd_sample(args) -> int:
     resuming = resumable and out.with_name(out.name + ".parts").joinpath("run.json").is_file()
     check_output(out, args.overwrite or resuming)
     device = resolve_device(args.device)
+    if resumable:     # under torchrun: join the group, so "cuda" is this rank's GPU when loading
+        distributed.init_from_env(device)
     pipe = load_pipeline(args, device)
     if args.batch_size == "auto":
         args.batch_size = pipe.max_batch_size()
