@@ -272,19 +272,17 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def run_settings(pipe, *, seed: int, steps: int, sampler: str, eta: float,
-                 variance: Optional[str], clip: Optional[bool]) -> dict:
+def run_settings(pipe, call: dict) -> dict:
     """Everything that decides a run's images, read from the pipeline itself (its weights, mode,
-    U-Net dtype, numerics and every scheduler setting, defaults filled in) and the sampling
-    arguments. Shards of runs whose settings differ are never mixed."""
+    U-Net dtype, numerics and every scheduler setting, defaults filled in) and the pipeline call's
+    arguments `call`. Shards of runs whose settings differ are never mixed."""
     from .schedulers import read_scheduler
 
     kind, scheduler = read_scheduler(pipe.scheduler)
     c = pipe.unet.config
     settings = {"weights": weights_digest(pipe.unet), "mode": pipe.mode, "dtype": str(pipe.dtype),
-                "numerics": pipe.numerics, "sampler": sampler, "steps": steps, "eta": eta,
-                "variance": variance or pipe.variance, "clip": clip, "seed": seed,
-                "image": [c.in_channels, c.sample_size, c.sample_size], "scheduler": kind}
+                "numerics": pipe.numerics, "image": [c.in_channels, c.sample_size, c.sample_size],
+                "scheduler": kind, **call, "variance": call["variance"] or pipe.variance}
     # one key per scheduler setting: a refusal names the setting that changed
     settings.update({f"scheduler.{k}": v for k, v in scheduler.items()})
     return settings
@@ -322,6 +320,57 @@ def _positive(value, name: str) -> int:
     return value
 
 
+def pipeline_call(pipe, seed: int, num_inference_steps: Optional[int], sampler: Optional[str],
+                  eta: float, variance: Optional[str], clip: Optional[bool]) -> dict:
+    """The pipeline call's sampling arguments, checked before any work (ValueError naming the bad
+    one), with the defaults resolved: the scheduler's sampler; every timestep for ddpm, 50 for
+    ddim."""
+    from .schedule import VARIANCE_TYPES
+    from .schedulers import read_scheduler
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    sampler = sampler or read_scheduler(pipe.scheduler)[0]
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    total = pipe.schedule.num_timesteps
+    steps = num_inference_steps or (50 if sampler == "ddim" else total)
+    if _positive(steps, "num_inference_steps") > total:
+        raise ValueError(f"num_inference_steps {steps} exceeds the model's {total} timesteps")
+    if variance is not None and variance not in VARIANCE_TYPES:
+        raise ValueError(f"variance must be one of {VARIANCE_TYPES}, got {variance!r}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    return dict(seed=seed, num_inference_steps=steps, sampler=sampler, eta=eta,
+                variance=variance, clip=clip)
+
+
+def open_run(parts: Path, settings: dict, seeds: list[int], shard_size: int, overwrite: bool,
+             device: torch.device) -> tuple[ShardStore, list[list[int]]]:
+    """The shard folder of a run, and this rank's shards still to sample. Collective under
+    torchrun (the process group is joined here); another run's folder is refused on every rank
+    before any work, or started over with `overwrite`."""
+    store = ShardStore(parts, settings)
+    store.check(overwrite)
+    init_from_env(device)
+    if is_main():
+        store.create(overwrite)
+    barrier()
+    return store, my_shards(seeds, store, shard_size)
+
+
+def step_progress(progress, total_steps: int, images: int):
+    """(bar or None, update(n)) for sample_to_file's `progress` (None: a tqdm bar, False:
+    nothing, a callable: itself)."""
+    if callable(progress):
+        return None, progress
+    if progress is False:
+        return None, lambda n: None
+    rank, size = world()
+    return progress_bar(total_steps, images,
+                        "sampling" if size == 1 else f"sampling (rank {rank}/{size})")
+
+
 def sample_to_file(pipe, seeds: Union[str, Iterable[int]], out, *, batch_size: Union[int, str] = 64,
                    shard_size: int = 256, seed: int = 0, num_inference_steps: Optional[int] = None,
                    sampler: Optional[str] = None, eta: float = 0.0, variance: Optional[str] = None,
@@ -348,8 +397,6 @@ def sample_to_file(pipe, seeds: Union[str, Iterable[int]], out, *, batch_size: U
     Bad arguments raise ValueError (an existing `out`, FileExistsError) before any work; `out`
     appears whole or not at all."""
     from .images import check_output, save_samples, unit_to_uint8
-    from .schedule import VARIANCE_TYPES
-    from .schedulers import read_scheduler
 
     seeds, out = check_seeds(seeds), Path(out)
     parts = out.with_name(out.name + ".parts")
@@ -360,44 +407,19 @@ def sample_to_file(pipe, seeds: Union[str, Iterable[int]], out, *, batch_size: U
     if batch_size == "auto":
         batch_size = pipe.max_batch_size()
     batch_size, shard_size = _positive(batch_size, "batch_size"), _positive(shard_size, "shard_size")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    sampler = sampler or read_scheduler(pipe.scheduler)[0]
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-    total = pipe.schedule.num_timesteps
-    steps = num_inference_steps or (50 if sampler == "ddim" else total)
-    if _positive(steps, "num_inference_steps") > total:
-        raise ValueError(f"num_inference_steps {steps} exceeds the model's {total} timesteps")
-    if variance is not None and variance not in VARIANCE_TYPES:
-        raise ValueError(f"variance must be one of {VARIANCE_TYPES}, got {variance!r}")
-    if not 0 <= eta <= 1:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    call = pipeline_call(pipe, seed, num_inference_steps, sampler, eta, variance, clip)
 
     store, work = None, [seeds]
     if resumable:
-        store = ShardStore(parts, run_settings(pipe, seed=seed, steps=steps, sampler=sampler,
-                                               eta=eta, variance=variance, clip=clip))
-        store.check(overwrite)                      # every rank: refuse before any work
-        init_from_env(pipe.device)
-        if is_main():
-            store.create(overwrite)
-        barrier()
-        work = my_shards(seeds, store, shard_size)
-    rank, size = world()
-    update, bar = progress, None
-    if progress is None:
-        runs = sum(len(contiguous_runs(w, batch_size)) for w in work)
-        bar, update = progress_bar(steps * runs, sum(map(len, work)),
-                                   "sampling" if size == 1 else f"sampling (rank {rank}/{size})")
-    elif progress is False:
-        update = lambda n: None                    # noqa: E731
+        store, work = open_run(parts, run_settings(pipe, call), seeds, shard_size, overwrite,
+                               pipe.device)
+    runs = sum(len(contiguous_runs(w, batch_size)) for w in work)
+    bar, update = step_progress(progress, call["num_inference_steps"] * runs, sum(map(len, work)))
     peak = []
 
     def sample_batch(first: int, count: int):
-        x = pipe(batch_size=count, seed=seed, first_image=first, num_inference_steps=steps,
-                 output_type="pt", sampler=sampler, eta=eta, variance=variance, clip=clip,
-                 progress=update).images
+        x = pipe(batch_size=count, first_image=first, output_type="pt", progress=update,
+                 **call).images
         peak.append(pipe.last_peak_memory or 0)
         return unit_to_uint8(x)
 
@@ -416,6 +438,6 @@ def sample_to_file(pipe, seeds: Union[str, Iterable[int]], out, *, batch_size: U
         if not is_main():
             return result
         pieces = store.iter_images(seeds)
-    save_samples(out, pieces, seeds, scale=scale, seed=seed, steps=steps)
+    save_samples(out, pieces, seeds, scale=scale, seed=seed, steps=call["num_inference_steps"])
     result.wrote = True
     return result

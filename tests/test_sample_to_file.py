@@ -106,7 +106,7 @@ def test_another_runs_shards_are_refused_by_name(tmp_path, model_dir, pipe):
     written = out.read_bytes()
     with pytest.raises(ValueError, match=r"other settings \(sampler\)"):
         sample(pipe, "0-3", out, sampler="ddim")
-    with pytest.raises(ValueError, match=r"other settings \(eta, sampler, steps\)"):
+    with pytest.raises(ValueError, match=r"other settings \(eta, num_inference_steps, sampler\)"):
         sample(pipe, "0-3", out, sampler="ddim", eta=0.5, num_inference_steps=1)
     # the run's identity comes from the pipeline: its weights, however it was loaded
     other = load(model_dir)
