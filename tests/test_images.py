@@ -1,9 +1,21 @@
 """Image outputs: the streamed .npz writer and the shard merge that feeds it."""
 import numpy as np
 import pytest
+import torch
 
 from ddpm_fast.distributed import ShardStore
-from ddpm_fast.images import StreamedArray, save_folder, save_npz
+from ddpm_fast.images import (StreamedArray, model_to_unit, save_folder, save_npz, to_model_space,
+                              to_uint8, unit_to_model, unit_to_uint8)
+
+
+def test_pixel_conversions_round_trip_every_level():
+    u8 = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    x = to_model_space(u8)
+    assert (x.min(), x.max()) == (-1, 1)
+    assert np.array_equal(to_uint8(x), u8.permute(0, 2, 3, 1).numpy())     # uint8 NHWC again
+    assert np.array_equal(unit_to_uint8(model_to_unit(x)), to_uint8(x))     # the same path
+    assert torch.allclose(unit_to_model(model_to_unit(x)), x, rtol=0, atol=1e-6)
+    assert to_uint8(torch.tensor([-3.0, 3.0]).reshape(1, 1, 1, 2)).ravel().tolist() == [0, 255]
 
 
 def _pieces(images, size):
