@@ -1,4 +1,5 @@
-"""Multi-process work under torchrun: process groups, per-image seeds, resumable sharded output.
+"""Multi-process work under torchrun: process groups, per-image seeds, and sample_to_file, the
+resumable sharded sampling of many images into one file that `ddpm-fast sample` calls.
 
 `torchrun --nproc-per-node N -m ddpm_fast.cli train ...` sets RANK / WORLD_SIZE / MASTER_ADDR;
 `init_from_env` joins the group (NCCL on GPU, gloo on CPU). Without those variables everything
@@ -385,9 +386,10 @@ def sample_to_file(pipe, seeds: Union[str, Iterable[int]], out, *, batch_size: U
     resumable=True: finished shards of `shard_size` images go to OUT.parts/ (each written
     atomically with a checksummed manifest), a rerun with the same settings samples only what is
     missing, and rank 0 merges the shards into `out` at the end (the folder is kept). A folder of
-    a run with other settings (weights, mode, dtype, sampler, steps, eta, variance, clip, seed,
-    any scheduler setting) is refused naming them; overwrite=True starts it over. Under torchrun
-    (WORLD_SIZE > 1) the process group is joined here and the shards are shared by the ranks.
+    a run with other settings (weights, mode, dtype, sampler, num_inference_steps, eta,
+    variance, clip, seed, any scheduler setting) is refused naming them; overwrite=True starts
+    it over. Under torchrun (WORLD_SIZE > 1) the process group is joined here and the shards are
+    shared by the ranks; load the pipeline on the rank's own device (cuda:LOCAL_RANK).
     resumable=False: one process samples in memory and writes `out`, nothing else.
 
     The other arguments are the pipeline call's: num_inference_steps (default: every timestep
