@@ -69,8 +69,11 @@ def test_shards_give_the_in_memory_images_in_any_output_kind(tmp_path, pipe, ref
     files = sorted((tmp_path / "pngs").iterdir())
     assert [f.name for f in files] == ["000002.png", "000003.png", "000005.png"]
     assert np.array_equal(np.array(Image.open(files[2]))[..., None], reference[5])
-    grid = sample(pipe, range(4), tmp_path / "g.png", resumable=False, scale=1)
+    steps = []                                                    # progress: steps finished
+    grid = sample(pipe, range(4), tmp_path / "g.png", resumable=False, scale=1,
+                  progress=steps.append)
     assert grid.wrote and Image.open(tmp_path / "g.png").size == (2 * 10 + 2, 2 * 10 + 2)
+    assert sum(steps) == 2 * STEPS                                # two batches of ≤ 3 images
 
 
 def test_killed_run_leaves_whole_shards_and_the_rerun_does_only_the_rest(
