@@ -132,6 +132,8 @@ def test_another_runs_shards_are_refused_by_name(tmp_path, model_dir, pipe):
     ("0-4,2", {}, ValueError, "overlaps"),
     ([1, 1], {}, ValueError, "appears twice"),
     ([-1], {}, ValueError, "outside"),
+    ([0, 1.5], {}, ValueError, "1.5 is not an integer"),
+    ([], {}, ValueError, "no seeds"),
     ("0-3", {"batch_size": 0}, ValueError, "batch_size must be a positive integer"),
     ("0-3", {"shard_size": 0}, ValueError, "shard_size must be a positive integer"),
     ("0-3", {"num_inference_steps": 1001}, ValueError, "exceeds the model's 1000 timesteps"),
@@ -149,6 +151,13 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, pipe, seeds, kwargs
         sample(pipe, seeds, out, **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.npz"]
     assert (tmp_path / "exists.npz").read_bytes() == b"keep me"
+
+
+def test_in_memory_runs_are_refused_under_torchrun(tmp_path, pipe, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")       # the ranks could only share work through shards
+    with pytest.raises(ValueError, match="resumable=False samples in one process"):
+        sample(pipe, "0-3", tmp_path / "x.npz", resumable=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_parse_seeds_and_runs():
