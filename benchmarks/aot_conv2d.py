@@ -82,31 +82,31 @@ def resource_usage(cubin: bytes) -> dict:
 
 def launcher_args(args: dict) -> dict:
     """The op's keyword arguments (benchmarks/conv2d_layers.make_inputs) as the launcher's, as
-    the "conv" U-Net calls it: a norm over x alone from its producer's finished group statistics,
-    over cat([x, skip]) as a per-(image, channel) affine; y's group statistics finished for the
-    next norm (32 groups) except after the upsampling (read with a skip) and by conv_out."""
+    the "conv" U-Net calls it: the norm from its producer's finished group statistics; y's group
+    statistics finished for the next norm (32 groups; with the next skip's partials after an up
+    ResBlock), except by conv_out and the upsampling (read raw)."""
     x, weight = args["x"], args["weight"]
     n, cout = x.shape[0], weight.shape[0]
     skip = args.get("skip")
-    cin = x.shape[1] + (0 if skip is None else skip.shape[1])
-    affine, group_norm = {}, None
-    if "norm" in args and skip is None:
+    group_norm = None
+    if "norm" in args:
         norm_w, norm_b, groups, eps = args["norm"]
         group_norm = (torch.empty(n, groups, 3, device=x.device), norm_w, norm_b, eps)
-    elif "norm" in args:
-        affine = {k: torch.empty(n, cin, device=x.device) for k in ("scale", "shift")}
     shortcut = None
     if "shortcut" in args:
         sc_in, sc_w, sc_b = args["shortcut"]
         sc_x, sc_skip = (sc_in, None) if torch.is_tensor(sc_in) else sc_in
         shortcut = (sc_x, sc_skip, sc_w, sc_b)
     upsample = args.get("upsample", False)
+    stats_cat = None
+    if shortcut is not None and shortcut[1] is not None:  # an up ResBlock: read with the next skip
+        stats_cat = torch.empty(n, 4, shortcut[1].shape[1], 3, device=x.device)
     return dict(x=x, weight=weight, bias=args.get("bias"), stride=args.get("stride", 1),
                 pad=conv_padding(args.get("padding"), tuple(weight.shape[2:])),
-                upsample=upsample, skip=skip, scale=affine.get("scale"),
-                shift=affine.get("shift"), silu=args.get("silu", False), temb=args.get("temb"),
+                upsample=upsample, skip=skip, scale=None, shift=None,
+                silu=args.get("silu", False), temb=args.get("temb"),
                 residual=args.get("residual"), shortcut=shortcut, return_stats=True,
-                group_norm=group_norm,
+                group_norm=group_norm, stats_cat=stats_cat,
                 stats_groups=32 if cout % 32 == 0 and not upsample else 0)
 
 

@@ -92,7 +92,8 @@ for stage in "${STAGES[@]}"; do
         if command -v compute-sanitizer > /dev/null; then
             step "fused conv: compute-sanitizer memcheck (bf16, batch 3)"
             (cd tests && compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest \
-                -q -p no:cacheprovider test_cuda.py -k "conv2d_triton_cuda and bf16 and b3") \
+                -q -p no:cacheprovider test_cuda.py \
+                -k "(conv2d_triton_cuda and bf16 and b3) or (conv2d_group_statistics and b3)") \
                 > "$OUT/conv_memcheck.log" 2>&1 || status=1
             tail -5 "$OUT/conv_memcheck.log"
         fi

@@ -188,12 +188,12 @@ class ResnetBlock2D(nn.Module):
             return temb.rows[:, self.proj_offset:self.proj_offset + n]
         return self.time_emb_proj(F.silu(temb))
 
-    def forward_conv(self, x, x_stats, temb, skip=None, skip_stats=None, stats_groups=0):
+    def forward_conv(self, x, x_stats, temb, skip=None, skip_stats=None, **finish):
         """The block as two ddpm_fast.ops.conv2d calls ("conv" kernels): norm1 + SiLU in conv1's
         input (over cat([x, skip]) in up blocks), the time projection and norm2's statistics in
         its output; norm2 + SiLU in conv2's input, the residual or the 1×1 shortcut and the next
-        norm's statistics in its output (finished for `stats_groups` groups when given).
-        Returns (output, its statistics)."""
+        norm's statistics in its output (`finish`: conv2d's stats_groups / next_skip_stats, for
+        the norm that reads it). Returns (output, its statistics)."""
         from .ops.conv2d import conv2d
 
         if skip is not None and self.conv_shortcut is None:
@@ -215,7 +215,7 @@ class ResnetBlock2D(nn.Module):
             residual = x
         out, stats = conv2d(h, self.conv2.weight, self.conv2.bias, norm=norm(self.norm2),
                             norm_stats=h_stats, silu=True, residual=residual, shortcut=shortcut,
-                            return_stats=True, stats_groups=stats_groups)
+                            return_stats=True, **finish)
         if self.output_scale_factor != 1.0:
             return out / self.output_scale_factor, None
         return out, stats
@@ -281,11 +281,11 @@ class Attention(nn.Module):
         out = o.transpose(-1, -2).reshape(b, c, h, w) + x
         return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
 
-    def forward_conv(self, x, x_stats, stats_groups=0):
+    def forward_conv(self, x, x_stats, **finish):
         """The block as three kernels ("conv" kernels): the q/k/v projection is a 1×1 conv2d
         with the GroupNorm (from x's statistics) in its input; the attention op; the output
-        projection a 1×1 conv2d with the residual and the next norm's statistics (finished for
-        `stats_groups` groups when given) in its output.
+        projection a 1×1 conv2d with the residual and the next norm's statistics (`finish` as in
+        ResnetBlock2D.forward_conv) in its output.
         Channels_last activations are [B, L, C] sequences already, so no transposes are copied.
         Returns (output, its statistics)."""
         from .ops.conv2d import conv2d
@@ -310,7 +310,7 @@ class Attention(nn.Module):
         o = o.view(b, h, w, c).permute(0, 3, 1, 2)           # [B, C, H, W], channels_last
         out_proj = self.to_out[0]
         out, stats = conv2d(o, out_proj.weight[:, :, None, None], out_proj.bias, padding=0,
-                            residual=x, return_stats=True, stats_groups=stats_groups)
+                            residual=x, return_stats=True, **finish)
         if self.rescale_output_factor != 1.0:
             return out / self.rescale_output_factor, None
         return out, stats
@@ -585,51 +585,66 @@ class UNet2DModel(nn.Module):
             raise RuntimeError('"conv" kernels are for inference: dropout would sit before '
                                "norm2's statistics; train with the reference kernels")
 
-        def attend(block, h, stats):     # "fused" attention folds into the conv path
-            return block.forward_conv(h, stats, groups) if block.fused else (block(h), None)
-
-        def groups_for(attention):
-            """The groups of the norm that reads a block's output: the attention's after it,
-            else the next ResBlock's (or conv_norm_out's). Producers finish their statistics for
-            it; where the reader's input is a concatenation they go unused (the partials serve)."""
-            if attention is not None and attention.fused:
-                return attention.group_norm.num_groups
-            return groups
-
         groups = self.config.norm_num_groups
+        skips = []
+
+        def finish(attention=None, next_skip=False):
+            """conv2d's stats_groups / next_skip_stats for a producer, from what reads its output:
+            the attention block after it, else an up ResBlock's norm over cat([y, next skip]),
+            else a norm over y alone (a ResBlock's norm1 or conv_norm_out). The producer then
+            finishes that norm's group statistics, so that no norm is a launch of its own."""
+            if attention is not None and attention.fused:
+                return dict(stats_groups=attention.group_norm.num_groups)
+            if next_skip:
+                return dict(stats_groups=groups, next_skip_stats=skips[-1][1])
+            return dict(stats_groups=groups)
+
+        def attend(block, h, stats, **after):    # "fused" attention folds into the conv path
+            return block.forward_conv(h, stats, **after) if block.fused else (block(h), None)
+
         h, stats = conv2d(x, self.conv_in.weight, self.conv_in.bias, return_stats=True,
-                          stats_groups=groups)
-        skips = [(h, stats)]
+                          **finish())
+        skips.append((h, stats))
         for block in self.down_blocks:
             for i, resnet in enumerate(block.resnets):
                 attention = block.attentions[i] if block.attentions is not None else None
-                h, stats = resnet.forward_conv(h, stats, temb, stats_groups=groups_for(attention))
+                h, stats = resnet.forward_conv(h, stats, temb, **finish(attention))
                 if attention is not None:
-                    h, stats = attend(attention, h, stats)
+                    h, stats = attend(attention, h, stats, **finish())
                 skips.append((h, stats))
             if block.downsamplers is not None:
                 down = block.downsamplers[0]
                 padding = (0, 1, 0, 1) if down.padding == 0 else down.conv.padding
                 h, stats = conv2d(h, down.conv.weight, down.conv.bias, stride=2,
-                                  padding=padding, return_stats=True, stats_groups=groups)
+                                  padding=padding, return_stats=True, **finish())
                 skips.append((h, stats))
         mid = self.mid_block
-        h, stats = mid.resnets[0].forward_conv(h, stats, temb,
-                                               stats_groups=groups_for(mid.attentions[0]))
+        h, stats = mid.resnets[0].forward_conv(h, stats, temb, **finish(mid.attentions[0]))
         if mid.attentions[0] is not None:
-            h, stats = attend(mid.attentions[0], h, stats)
-        h, stats = mid.resnets[1].forward_conv(h, stats, temb, stats_groups=groups)
-        for block in self.up_blocks:
+            h, stats = attend(mid.attentions[0], h, stats, **finish())
+        h, stats = mid.resnets[1].forward_conv(h, stats, temb, **finish(next_skip=True))
+        for b, block in enumerate(self.up_blocks):
             for i, resnet in enumerate(block.resnets):
                 skip, skip_stats = skips.pop()
+                # read next by: another ResBlock of this block or the next block (with a skip),
+                # the upsampling (raw: no statistics needed) or conv_norm_out
+                if i + 1 < len(block.resnets) or (block.upsamplers is None
+                                                  and b + 1 < len(self.up_blocks)):
+                    after = finish(next_skip=True)
+                elif block.upsamplers is not None:
+                    after = {}
+                else:
+                    after = finish()
                 attention = block.attentions[i] if block.attentions is not None else None
                 h, stats = resnet.forward_conv(h, stats, temb, skip, skip_stats,
-                                               stats_groups=groups_for(attention))
+                                               **(finish(attention) if attention is not None
+                                                  else after))
                 if attention is not None:
-                    h, stats = attend(attention, h, stats)
-            if block.upsamplers is not None:     # read by a norm over cat([h, skip]): partials
+                    h, stats = attend(attention, h, stats, **after)
+            if block.upsamplers is not None:
                 up = block.upsamplers[0].conv
-                h, stats = conv2d(h, up.weight, up.bias, upsample=True, return_stats=True)
+                h, stats = conv2d(h, up.weight, up.bias, upsample=True, return_stats=True,
+                                  **(finish(next_skip=True) if skips else {}))
         gn = self.conv_norm_out
         return conv2d(h, self.conv_out.weight, self.conv_out.bias,
                       norm=(gn.weight, gn.bias, gn.num_groups, gn.eps), norm_stats=stats,

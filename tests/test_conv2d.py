@@ -147,12 +147,12 @@ def test_opcheck_and_compile(backend):
         op = torch.ops.ddpm_fast.conv2d.default
         torch.library.opcheck(op, (c["x"], c["weight"], c["bias"], 1, [1, 1, 1, 1], False, None,
                                    c["norm"][0], c["norm"][1], 4, EPS, None, None, None, True,
-                                   temb, None, None, None, None, None, False, 0))
+                                   temb, None, None, None, None, None, False, 0, None))
         x_stats = channel_stats(c["x"])     # group statistics in, and finished ones out
         torch.library.opcheck(op, (c["x"], c["weight"], c["bias"], 1, [1, 1, 1, 1], False, None,
                                    c["norm"][0], c["norm"][1], 4, EPS, x_stats,
                                    None, group_stats(x_stats, 4), True, temb, None, None, None,
-                                   None, None, True, 8))
+                                   None, None, True, 8, channel_stats(c["x"][:, :8])))
         f = torch.compile(lambda x: conv2d(x * 1, c["weight"], c["bias"], norm=c["norm"],
                                            silu=True, temb=temb), fullgraph=True)
         torch.testing.assert_close(f(c["x"]), conv2d(c["x"], c["weight"], c["bias"],
@@ -204,7 +204,10 @@ def test_compiles_for_hopper_without_spills(tmp_path):
     layers = json.loads(out.read_text())["layers"]
     assert layers.keys() == CIFAR_LAYERS.keys()
     for name, r in layers.items():
-        assert r["stack"] == 0 and r["local"] == 0, f"{name} spills: {r}"
+        # ≤ 8 bytes: ptxas parks two prologue values of the 32×64 four-warp tile (the 4×4 maps)
+        # on the stack once the once-per-image group finish is in the kernel; read back once, at
+        # the end. Anything larger is a spill in the main loop (the first version had 248).
+        assert r["stack"] <= 8 and r["local"] == 0, f"{name} spills: {r}"
         if r["tile"][0] * r["tile"][1] >= 64 * 64:
             assert r["wgmma"] > 0, f"{name} has no wgmma: {r}"
 
@@ -363,10 +366,40 @@ def test_producer_finishes_group_stats_for_the_next_norm(backend, monkeypatch):
     assert (other - expect_other).abs().max().item() <= 1e-4 * scale
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_producer_finishes_groups_of_a_concatenation(backend, monkeypatch):
+    """next_skip_stats: the producer of h finishes the groups of cat([h, skip]) (40 + 24
+    channels in groups of 16: one straddles the boundary), and the up block's conv2d reads them
+    with no finalizer launch, equal to the same conv from the partials."""
+    if backend == "triton":
+        from ddpm_fast.kernels.triton import conv2d as triton_conv
+
+        monkeypatch.setattr(triton_conv, "tile_config", lambda *a: (16, 16, 16, 4, 1))
+    finalizers = _count_finalizers(monkeypatch) if backend == "triton" else []
+    c = _case(2, 16, 40, 5, 6, groups=4)
+    skip = _randn(2, 24, 5, 6, seed=30).contiguous(memory_format=torch.channels_last) * 3 - 2
+    w2 = _randn(16, 64, 3, 3, seed=31, scale=0.05)
+    norm2 = (1 + 0.2 * _randn(64, seed=32), 0.2 * _randn(64, seed=33), 4, EPS)
+    with use_backend(backend):
+        skip_stats = channel_stats(skip)
+        h, stats = conv2d(c["x"], c["weight"], c["bias"], return_stats=True, stats_groups=4,
+                          next_skip_stats=skip_stats)
+        assert stats.channels == 64
+        torch.testing.assert_close(stats.groups, group_stats([stats.partials, skip_stats], 4),
+                                   rtol=1e-5, atol=1e-5)
+        from_groups = conv2d(h, w2, None, skip=skip, norm=norm2, norm_stats=(stats, skip_stats),
+                             silu=True)
+        assert finalizers == []
+        from_partials = conv2d(h, w2, None, skip=skip, norm=norm2,
+                               norm_stats=(stats.partials, skip_stats), silu=True)
+    scale = from_partials.abs().max().item()
+    assert (from_groups - from_partials).abs().max().item() <= 1e-5 * scale
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (interpreter on CPU)")
-def test_conv_unet_runs_a_finalizer_only_for_concatenations(monkeypatch):
-    """Under "conv" kernels every norm reads its producer's finished group statistics except the
-    up blocks' norms over cat([h, skip]), which merge partials in a launch of their own."""
+def test_conv_unet_launches_no_norm_finalizer(monkeypatch):
+    """Under "conv" kernels every norm, the up blocks' norms over cat([h, skip]) included,
+    reads the group statistics its producer finished: no finalizer launch at all."""
     from ddpm_fast.unet import UNet2DModel
 
     torch.manual_seed(0)
@@ -378,5 +411,5 @@ def test_conv_unet_runs_a_finalizer_only_for_concatenations(monkeypatch):
         finalizers = _count_finalizers(monkeypatch)
         with use_backend("triton"):
             got = unet(x, t)
-    assert len(finalizers) == sum(len(b.resnets) for b in unet.up_blocks)
+    assert finalizers == []
     assert (got - expect).abs().max().item() <= 1e-4 * expect.abs().max().item()

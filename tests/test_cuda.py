@@ -229,6 +229,42 @@ def test_conv2d_triton_cuda(layer, batch, dtype):
     torch.testing.assert_close(got[..., 1], want[..., 1], atol=tol * scale, rtol=tol)
 
 
+@pytest.mark.parametrize("batch", [3, 64], ids=["b3", "b64"])
+@pytest.mark.parametrize("layer", list(_conv_layers()))
+def test_conv2d_group_statistics_cuda(layer, batch):
+    """The "conv" U-Net's way on the GPU (bf16): the input norm read from finished group
+    statistics equals it from partials (a finalizer launch); y's group statistics, merged by each
+    image's last program after an atomic ticket, equal the merge of its partials in every one of
+    20 launches (programs of many images racing), and the tickets are zero afterwards."""
+    from benchmarks.conv2d_layers import make_inputs
+    from ddpm_fast.kernels.triton.conv2d import _TICKETS
+    from ddpm_fast.ops.conv2d import ConvStats, channel_stats, conv2d, group_stats
+
+    args = make_inputs(_conv_layers()[layer], batch, "cuda", torch.bfloat16)
+    skip = args.get("skip")
+    finished = dict(args)
+    if "norm" in args:
+        parts = [channel_stats(args["x"])] + ([] if skip is None else [channel_stats(skip)])
+        cin = args["weight"].shape[1]
+        first = ConvStats(parts[0], group_stats(parts, args["norm"][2]), cin)
+        args["norm_stats"] = tuple(parts) if skip is not None else parts[0]
+        finished["norm_stats"] = (first, parts[1]) if skip is not None else first
+    cout = args["weight"].shape[0]
+    groups = 32 if cout % 32 == 0 else 0
+    with use_backend("triton"):
+        want = conv2d(**args)
+        runs = [conv2d(**finished, return_stats=True, stats_groups=groups) for _ in range(20)]
+    torch.cuda.synchronize()
+    y, stats = runs[0]
+    scale = max(1.0, want.float().abs().max().item())
+    assert (y.float() - want.float()).abs().max().item() <= 2e-2 * scale
+    if groups:
+        torch.testing.assert_close(stats.groups, group_stats(stats.partials, groups),
+                                   rtol=1e-5, atol=1e-5 * scale)
+        assert all(torch.equal(s.groups, stats.groups) for _, s in runs)
+        assert all(int(t.abs().sum()) == 0 for t in _TICKETS.values())
+
+
 def test_conv_unet_cuda_matches_reference():
     """The CIFAR U-Net under "conv" kernels (fp32, IEEE dots) equals its reference forward."""
     import copy

@@ -20,10 +20,10 @@ They are merged with Chan et al.'s formula into per-group mean and variance, nev
 E[x²] − E[x]², and being per channel they concatenate along C, so the norm of cat([x, skip]) takes
 (stats of x, stats of skip) even when a group straddles the boundary. Turning partials into a
 norm's scale and shift is a small pass of its own (one launch per norm) unless the producer was
-told the next norm's groups (`stats_groups=G`): then its last program per image also merges them
-into [N, G, 3] group statistics (a `ConvStats`), which the consumer's prologue reads directly. The
-U-Net does this for every norm over one activation; the up blocks' norms over cat([h, skip]) keep
-their finalizer launch (12 of the CIFAR model's 51 norms).
+told the next norm's groups (`stats_groups=G`, with `next_skip_stats` when that norm reads
+cat([y, skip])): then its last program per image also merges them into [N, G, 3] group
+statistics (a `ConvStats`), which the consumer's prologue reads directly. The "conv" U-Net does
+this for all of its norms, so none is a launch of its own.
 
 Backends: the torch reference below defines the op and runs on CPU by default; the Triton
 implicit-GEMM kernel (kernels/triton/conv2d.py) runs on CUDA, and on CPU tensors under
@@ -53,11 +53,13 @@ class Norm(NamedTuple):
 
 class ConvStats(NamedTuple):
     """What `return_stats=True, stats_groups=G` returns beside y: the per-channel partials
-    [N, T, C, 3] and y's G groups' (count, mean, M2) [N, G, 3], finished by the producer itself
-    (its last program per image, on the Triton path), so that a following norm with G groups
-    over y alone needs no pass of its own. A norm over cat([y, skip]) uses the partials."""
+    [N, T, C, 3] and the G groups' (count, mean, M2) [N, G, 3] of y, or of cat([y, skip]) when
+    the skip's stats were given as `next_skip_stats`, finished by the producer itself (its last
+    program per image, on the Triton path), so that the following norm needs no pass of its
+    own. `channels`: how many channels the groups cover (C, or C + the skip's)."""
     partials: torch.Tensor
     groups: torch.Tensor
+    channels: int
 
 
 # ---------------------------------------------------------------------- statistics
@@ -84,9 +86,11 @@ def per_channel_stats(stats: torch.Tensor) -> torch.Tensor:
     return torch.stack([count, mean, m2], dim=-1)
 
 
-def group_stats(stats: torch.Tensor, groups: int) -> torch.Tensor:
-    """[N, T, C, 3] partials → [N, groups, 3]: each group's (count, mean, M2)."""
-    per_channel = per_channel_stats(stats)
+def group_stats(stats: torch.Tensor | Sequence[torch.Tensor], groups: int) -> torch.Tensor:
+    """[N, T, C, 3] partials (or several parts', concatenated along C) → [N, groups, 3]: each
+    group's (count, mean, M2)."""
+    parts = [stats] if isinstance(stats, torch.Tensor) else stats
+    per_channel = torch.cat([per_channel_stats(s) for s in parts], dim=1)
     n, c, _ = per_channel.shape
     grouped = per_channel.view(n, groups, c // groups, STAT_FIELDS)
     return torch.stack(chan_merge(grouped[..., 0], grouped[..., 1], grouped[..., 2], dim=2), -1)
@@ -138,7 +142,7 @@ def _memory_format(x: torch.Tensor):
 
 def _check(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups, stats_x,
            stats_skip, temb, residual, sc_x, sc_skip, sc_w, sc_b, groups_x=None,
-           stats_groups=0):
+           stats_groups=0, cat_stats=None):
     """Shapes, dtypes and devices, before anything runs: each message names the argument."""
     def same_device(name, t):
         torch._check(t.device == x.device,
@@ -192,9 +196,20 @@ def _check(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups,
                      and groups_x.dtype == torch.float32,
                      lambda: f"conv2d: norm_stats' group statistics must be fp32 "
                              f"[{n}, {groups}, 3], got {groups_x.dtype} {tuple(groups_x.shape)}")
-    torch._check(stats_groups >= 0 and (stats_groups == 0 or weight.shape[0] % stats_groups == 0),
-                 lambda: f"conv2d: stats_groups {stats_groups} must divide the "
-                         f"{weight.shape[0]} output channels")
+    c_cat = 0
+    if cat_stats is not None:
+        same_device("next_skip_stats", cat_stats)
+        torch._check(stats_groups > 0, lambda: "conv2d: next_skip_stats given without "
+                                               "stats_groups")
+        torch._check(cat_stats.dim() == 4 and cat_stats.shape[0] == n
+                     and cat_stats.shape[3] == STAT_FIELDS and cat_stats.dtype == torch.float32,
+                     lambda: f"conv2d: next_skip_stats must be fp32 [{n}, T, C, 3], got "
+                             f"{cat_stats.dtype} {tuple(cat_stats.shape)}")
+        c_cat = cat_stats.shape[2]
+    c_out = weight.shape[0] + c_cat
+    torch._check(stats_groups >= 0 and (stats_groups == 0 or c_out % stats_groups == 0),
+                 lambda: f"conv2d: stats_groups {stats_groups} must divide the {c_out} "
+                         "channels the next norm reads")
     if temb is not None:
         same_device("temb", temb)
         torch._check(temb.dim() == 2 and temb.shape[0] in (1, n) and temb.shape[1] == cout,
@@ -260,10 +275,10 @@ def conv2d_reference(x, weight, bias=None, *, stride=1, pad=(1, 1, 1, 1), upsamp
 # ---------------------------------------------------------------------- the op
 def _impl(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups, eps, stats_x,
           stats_skip, groups_x, silu, temb, residual, sc_x, sc_skip, sc_w, sc_b, return_stats,
-          stats_groups):
+          stats_groups, cat_stats):
     ho, wo = _check(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups,
                     stats_x, stats_skip, temb, residual, sc_x, sc_skip, sc_w, sc_b, groups_x,
-                    stats_groups)
+                    stats_groups, cat_stats)
     norm = None if norm_w is None else Norm(norm_w, norm_b, groups, eps)
     stats = None
     if norm is not None:     # each part's statistics: from its producer, else computed here
@@ -277,8 +292,8 @@ def _impl(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups, 
         from ..kernels.triton import conv2d as triton_conv
 
         scale = shift = group_norm = None
-        if norm is not None and groups_x is not None and skip is None:
-            group_norm = (groups_x, norm.weight, norm.bias, norm.eps)   # finished by the producer
+        if norm is not None and groups_x is not None:     # finished by x's producer
+            group_norm = (groups_x, norm.weight, norm.bias, norm.eps)
         elif norm is not None:
             with _native.on_device(x):
                 scale, shift = triton_conv.norm_affine(stats, *norm)
@@ -289,13 +304,14 @@ def _impl(x, weight, bias, stride, pad, upsample, skip, norm_w, norm_b, groups, 
                 y, x, weight, bias, stride=stride, pad=pad, upsample=upsample, skip=skip,
                 scale=scale, shift=shift, silu=silu, temb=temb, residual=residual,
                 shortcut=shortcut, return_stats=return_stats, group_norm=group_norm,
-                stats_groups=stats_groups)
+                stats_groups=stats_groups, stats_cat=cat_stats)
     else:   # torch, or "native" (no C++/CUDA convolution of ours: torch's is that backend)
         y, y_stats = conv2d_reference(x, weight, bias, stride=stride, pad=pad,
                                       upsample=upsample, skip=skip, norm=norm, norm_stats=stats,
                                       silu=silu, temb=temb, residual=residual, shortcut=shortcut)
         if stats_groups:
-            y_groups = group_stats(y_stats, stats_groups)
+            y_groups = group_stats([y_stats] + ([] if cat_stats is None else [cat_stats]),
+                                   stats_groups)
     def empty():             # a fresh one each: a custom op's outputs may not alias
         return y.new_empty(0, dtype=torch.float32)
     return (y, y_stats if return_stats else empty(),
@@ -311,20 +327,20 @@ def conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
               temb: Optional[torch.Tensor], residual: Optional[torch.Tensor],
               sc_x: Optional[torch.Tensor], sc_skip: Optional[torch.Tensor],
               sc_weight: Optional[torch.Tensor], sc_bias: Optional[torch.Tensor],
-              return_stats: bool, stats_groups: int
+              return_stats: bool, stats_groups: int, cat_stats: Optional[torch.Tensor]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _impl(x, weight, bias, stride, tuple(pad), upsample, skip, norm_weight, norm_bias,
                  groups, eps, stats_x, stats_skip, groups_x, silu, temb, residual, sc_x, sc_skip,
-                 sc_weight, sc_bias, return_stats, stats_groups)
+                 sc_weight, sc_bias, return_stats, stats_groups, cat_stats)
 
 
 @conv2d_op.register_fake
 def _(x, weight, bias, stride, pad, upsample, skip, norm_weight, norm_bias, groups, eps, stats_x,
       stats_skip, groups_x, silu, temb, residual, sc_x, sc_skip, sc_weight, sc_bias,
-      return_stats, stats_groups):
+      return_stats, stats_groups, cat_stats):
     ho, wo = _check(x, weight, bias, stride, tuple(pad), upsample, skip, norm_weight, norm_bias,
                     groups, stats_x, stats_skip, temb, residual, sc_x, sc_skip, sc_weight,
-                    sc_bias, groups_x, stats_groups)
+                    sc_bias, groups_x, stats_groups, cat_stats)
     y = torch.empty(x.shape[0], weight.shape[0], ho, wo, dtype=x.dtype, device=x.device,
                     memory_format=_memory_format(x))
     stats = x.new_empty(0, dtype=torch.float32)
@@ -336,21 +352,26 @@ def _(x, weight, bias, stride, pad, upsample, skip, norm_weight, norm_bias, grou
     return y, stats, y_groups
 
 
-def _split_stats(entry, groups: int, alone: bool):
+def _split_stats(entry, groups: int, channels: int):
     """A norm_stats entry (partials, or a producer's ConvStats) → (partials, group statistics
-    usable by this norm or None). Group statistics serve only a norm over x alone with the
-    same number of groups; otherwise the partials are merged as usual."""
+    usable by this norm or None). Group statistics serve a norm with the same groups over the
+    same channels (x's, or x's and skip's); otherwise the partials are merged as usual."""
     if isinstance(entry, ConvStats):
-        usable = alone and entry.groups.shape[1] == groups
+        usable = entry.groups.shape[1] == groups and entry.channels == channels
         return entry.partials, entry.groups if usable else None
     return entry, None
+
+
+def _partials(entry):
+    return entry.partials if isinstance(entry, ConvStats) else entry
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
            stride: int = 1, padding=None, upsample: bool = False,
            skip: Optional[torch.Tensor] = None, norm=None, norm_stats=None, silu: bool = False,
            temb: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-           shortcut=None, return_stats: bool = False, stats_groups: int = 0):
+           shortcut=None, return_stats: bool = False, stats_groups: int = 0,
+           next_skip_stats=None):
     """The op `ddpm_fast::conv2d` (module docstring): y, or (y, stats) with return_stats.
 
     norm: (weight, bias, groups, eps) of the GroupNorm on the (concatenated) input.
@@ -359,8 +380,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     shortcut: (input, weight, bias) or ((x, skip), weight, bias), a 1×1 convolution of the raw
     input added to y.
     stats_groups: with return_stats, also finish y's statistics for a following GroupNorm with
-    this many groups: stats is then a ConvStats (partials, groups), and a conv2d whose norm has
-    those groups over y alone reads them without a finalizer pass.
+    this many groups: stats is then a ConvStats, and a conv2d whose norm has those groups over
+    y reads them without a finalizer pass. next_skip_stats: the stats of the skip that y will be
+    concatenated with (an up block's input), to finish the groups of cat([y, skip]) instead.
     """
     pad = conv_padding(padding, tuple(weight.shape[2:]))
     norm_w = norm_b = None
@@ -375,19 +397,24 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             raise ValueError("conv2d: norm_stats takes one entry per input part "
                              f"({'x' if skip is None else 'x and skip'}), got {len(norm_stats)}")
         stats_x, stats_skip = (tuple(norm_stats) + (None,))[:2]     # None: computed here
+        cin = x.shape[1] + (0 if skip is None else skip.shape[1])
         if stats_x is not None:
-            stats_x, groups_x = _split_stats(stats_x, groups, skip is None)
+            stats_x, groups_x = _split_stats(stats_x, groups, cin)
         if stats_skip is not None:
-            stats_skip, _ = _split_stats(stats_skip, groups, False)
+            stats_skip = _partials(stats_skip)
     sc_x = sc_skip = sc_w = sc_b = None
     if shortcut is not None:
         sc_in, sc_w, sc_b = shortcut
         sc_x, sc_skip = (sc_in, None) if isinstance(sc_in, torch.Tensor) else sc_in
     stats_groups = int(stats_groups) if return_stats else 0
+    cat_stats = None if next_skip_stats is None else _partials(next_skip_stats)
     y, stats, y_groups = conv2d_op(x, weight, bias, int(stride), list(pad), bool(upsample), skip,
                                    norm_w, norm_b, int(groups), float(eps), stats_x, stats_skip,
                                    groups_x, bool(silu), temb, residual, sc_x, sc_skip, sc_w,
-                                   sc_b, bool(return_stats), stats_groups)
+                                   sc_b, bool(return_stats), stats_groups, cat_stats)
     if not return_stats:
         return y
-    return y, (ConvStats(stats, y_groups) if stats_groups else stats)
+    if not stats_groups:
+        return y, stats
+    covered = weight.shape[0] + (0 if cat_stats is None else cat_stats.shape[2])
+    return y, ConvStats(stats, y_groups, covered)

@@ -67,10 +67,11 @@ def _conv2d_kernel(
     gin_ptr,        # [N, groups_in, 3] fp32: the input norm's group statistics (NORM_FROM_GROUPS)
     gamma_ptr,      # [Cx] fp32: the input norm's weight (NORM_FROM_GROUPS)
     beta_ptr,       # [Cx] fp32: the input norm's bias (NORM_FROM_GROUPS)
-    gout_ptr,       # [N, groups_out, 3] fp32: y's group statistics, written (GROUP_STATS)
+    gout_ptr,       # [N, groups_out, 3] fp32: group statistics of y (or of cat([y, next skip]))
+    cat_ptr,        # [N, T_cat, C_cat, 3] fp32: the next skip's partials (GROUP_STATS_CAT)
     ticket_ptr,     # [≥ N] int32 zeros: programs finished per image (GROUP_STATS)
     Cx, Cs, H, W, Cout, Ho, Wo, Cscx, Cscs, pad_top, pad_left,
-    groups_in, eps_in, groups_out,
+    groups_in, eps_in, groups_out, T_cat, C_cat,
     sx_n, sx_c, sx_h, sx_w, ss_n, ss_c, ss_h, ss_w,
     sw_co, sw_c, sw_h, sw_w,
     st_n, st_c, sr_n, sr_c, sr_h, sr_w,
@@ -80,7 +81,8 @@ def _conv2d_kernel(
     HAS_SKIP: tl.constexpr, HAS_NORM: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_TEMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SC: tl.constexpr,
     SC_HAS_SKIP: tl.constexpr, SC_HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
-    NORM_FROM_GROUPS: tl.constexpr, GROUP_STATS: tl.constexpr, CPG_OUT: tl.constexpr,
+    NORM_FROM_GROUPS: tl.constexpr, GROUP_STATS: tl.constexpr, GROUP_STATS_CAT: tl.constexpr,
+    CPG_OUT: tl.constexpr,
     BLOCK_T: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -143,9 +145,9 @@ def _conv2d_kernel(
         a = tl.load(ptrs, mask=a_mask, other=0.0)
         if HAS_NORM or NORM_FROM_GROUPS or SILU:
             a = a.to(tl.float32)
-            if NORM_FROM_GROUPS:   # x alone, its producer finished the groups' statistics
+            if NORM_FROM_GROUPS:   # x's producer finished the groups' statistics
                 sc, sh = _group_affine(gin_ptr, gamma_ptr, beta_ptr, n, c_global, c_mask,
-                                       groups_in, Cx // groups_in, eps_in)
+                                       groups_in, cin // groups_in, eps_in)
                 a = a * sc[None, :] + sh[None, :]
             elif HAS_NORM:
                 sc = tl.load(scale_ptr + n * cin + c_global, mask=c_mask, other=0.0)
@@ -209,12 +211,13 @@ def _conv2d_kernel(
             # Each program takes a ticket after its partials are written (the barrier orders
             # the CTA's stores before the release); the image's last one merges them all.
             tl.debug_barrier()
+            img = tl.program_id(2).to(tl.int64)     # re-read: nothing kept live past the loop
             last = tl.num_programs(0) * tl.num_programs(1) - 1
-            if tl.atomic_add(ticket_ptr + n, 1, sem="acq_rel") == last:
+            if tl.atomic_add(ticket_ptr + img, 1, sem="acq_rel") == last:
                 tl.debug_barrier()
-                _finish_groups(stats_ptr, gout_ptr, n, tl.num_programs(0), Cout, groups_out,
-                               BLOCK_T, CPG_OUT)
-                tl.store(ticket_ptr + n, 0)         # zeros again for the next launch
+                _finish_groups(stats_ptr, cat_ptr, gout_ptr, img, tl.num_programs(0), Cout,
+                               T_cat, C_cat, groups_out, GROUP_STATS_CAT, BLOCK_T, CPG_OUT)
+                tl.store(ticket_ptr + img, 0)       # zeros again for the next launch
 
 
 @triton.jit
@@ -229,21 +232,42 @@ def _group_affine(g_ptr, gamma_ptr, beta_ptr, n, c, c_mask, groups, cpg, eps):
 
 
 @triton.jit
-def _finish_groups(stats_ptr, gout_ptr, n, T, C, groups, BLOCK_T: tl.constexpr,
-                   CPG: tl.constexpr):
-    """One image's per-tile partials [T, C, 3] → its groups' (count, mean, M2) [groups, 3]."""
-    cpg = C // groups
+def _finish_groups(stats_ptr, cat_ptr, gout_ptr, n, T, C, T1, C1, groups, HAS_CAT: tl.constexpr,
+                   BLOCK_T: tl.constexpr, CPG: tl.constexpr):
+    """One image's per-tile partials [T, C, 3] (and a following concatenation's [T1, C1, 3])
+    → the groups' (count, mean, M2) [groups, 3]."""
     for g in range(groups):
-        c = g * cpg + tl.arange(0, CPG)
-        in_group = tl.arange(0, CPG) < cpg
-        count, total = _merge_part(stats_ptr, n, T, C, c, in_group, 0.0, BLOCK_T, CPG, False,
-                                   True)
-        mean = total / count
-        m2, _ = _merge_part(stats_ptr, n, T, C, c, in_group, mean, BLOCK_T, CPG, True, True)
+        count, mean, m2 = _group_moments(stats_ptr, cat_ptr, n, T, C, T1, C1, g,
+                                         (C + C1) // groups, HAS_CAT, BLOCK_T, CPG, True)
         out = gout_ptr + (n * groups + g) * 3
         tl.store(out, count)
         tl.store(out + 1, mean)
         tl.store(out + 2, m2)
+
+
+@triton.jit
+def _group_moments(s0_ptr, s1_ptr, n, T0, C0, T1, C1, g, cpg, HAS_SKIP: tl.constexpr,
+                   BLOCK_T: tl.constexpr, CPG: tl.constexpr, OTHER_PROGRAMS: tl.constexpr):
+    """Group g's (count, mean, M2) over the concatenated channels of two parts' per-channel
+    partials [N, T0, C0, 3] and [N, T1, C1, 3] (a group may straddle them): Chan's merge in two
+    passes, the group mean, then M2 about it."""
+    cc = g * cpg + tl.arange(0, CPG)                     # the group's channels, concatenated
+    in_group = tl.arange(0, CPG) < cpg
+    count, total = _merge_part(s0_ptr, n, T0, C0, cc, in_group & (cc < C0), 0.0, BLOCK_T, CPG,
+                               False, OTHER_PROGRAMS)
+    if HAS_SKIP:
+        count1, total1 = _merge_part(s1_ptr, n, T1, C1, cc - C0, in_group & (cc >= C0), 0.0,
+                                     BLOCK_T, CPG, False, OTHER_PROGRAMS)
+        count += count1
+        total += total1
+    mean = total / count
+    m2, _ = _merge_part(s0_ptr, n, T0, C0, cc, in_group & (cc < C0), mean, BLOCK_T, CPG, True,
+                        OTHER_PROGRAMS)
+    if HAS_SKIP:
+        m2_skip, _ = _merge_part(s1_ptr, n, T1, C1, cc - C0, in_group & (cc >= C0), mean,
+                                 BLOCK_T, CPG, True, OTHER_PROGRAMS)
+        m2 += m2_skip
+    return count, mean, m2
 
 
 @triton.jit
@@ -292,23 +316,10 @@ def _norm_affine_kernel(
     task = tl.program_id(0)
     n = (task // groups).to(tl.int64)      # (n·T + t)·C·3 nears 2³¹ at batch 4096, 256 px
     g = task % groups
-    cc = g * cpg + tl.arange(0, CPG)                     # the group's channels, concatenated
+    count, mean, m2 = _group_moments(s0_ptr, s1_ptr, n, T0, C0, T1, C1, g, cpg, HAS_SKIP,
+                                     BLOCK_T, CPG, False)
+    cc = g * cpg + tl.arange(0, CPG)
     in_group = tl.arange(0, CPG) < cpg
-    # Chan's merge in two passes over the partials: the group mean, then M2 about it
-    count, total = _merge_part(s0_ptr, n, T0, C0, cc, in_group & (cc < C0), 0.0, BLOCK_T, CPG,
-                               False, False)
-    if HAS_SKIP:
-        count1, total1 = _merge_part(s1_ptr, n, T1, C1, cc - C0, in_group & (cc >= C0), 0.0,
-                                     BLOCK_T, CPG, False, False)
-        count += count1
-        total += total1
-    mean = total / count
-    m2, _ = _merge_part(s0_ptr, n, T0, C0, cc, in_group & (cc < C0), mean, BLOCK_T, CPG, True,
-                        False)
-    if HAS_SKIP:
-        m2_skip, _ = _merge_part(s1_ptr, n, T1, C1, cc - C0, in_group & (cc >= C0), mean,
-                                 BLOCK_T, CPG, True, False)
-        m2 += m2_skip
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
     scale = tl.load(w_ptr + cc, mask=in_group, other=0.0) * rstd
     shift = tl.load(b_ptr + cc, mask=in_group, other=0.0) - mean * scale
@@ -389,9 +400,10 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
 
 
 def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, silu, temb,
-           residual, shortcut, return_stats, group_norm=None, stats_groups=0):
+           residual, shortcut, return_stats, group_norm=None, stats_groups=0, stats_cat=None):
     """Launch into y [N, Cout, Ho, Wo]; returns the stats [N, tiles, Cout, 3] (or None) and,
-    with stats_groups = G, also y's group statistics [N, G, 3] (else None).
+    with stats_groups = G, also the group statistics [N, G, 3] of y, or of cat([y, skip]) given
+    that skip's partials as stats_cat (else None).
 
     group_norm: (group statistics of x [N, G, 3], weight, bias, eps): the input norm computed
     in the prologue from its producer's finished groups, instead of (scale, shift)."""
@@ -422,7 +434,10 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
     temb_strides = (0, 0) if temb is None else (temb.stride(0) if temb.shape[0] > 1 else 0,
                                                 temb.stride(1))
     sc_w2 = None if sc_w is None else sc_w.reshape(cout, -1)
-    cpg_out = cout // stats_groups if stats_groups else 1
+    t_cat, c_cat = (stats_cat.shape[1], stats_cat.shape[2]) if stats_cat is not None else (0, 0)
+    if stats_cat is not None:
+        stats_cat = stats_cat.contiguous()
+    cpg_out = (cout + c_cat) // stats_groups if stats_groups else 1
     grid = (tiles_m, triton.cdiv(cout, bn), n)
     _conv2d_kernel[grid](
         x, skip if skip is not None else dummy, weight,
@@ -434,9 +449,10 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
         y, stats if stats is not None else dummy,
         gin if gin is not None else dummy, gamma if gamma is not None else dummy,
         beta if beta is not None else dummy, groups if groups is not None else dummy,
+        stats_cat if stats_cat is not None else dummy,
         _tickets(x.device, n) if stats_groups else dummy,
         cx, cs, h, w, cout, ho, wo, cscx, cscs, pad[2], pad[0],
-        groups_in, float(eps_in), max(stats_groups, 1),
+        groups_in, float(eps_in), max(stats_groups, 1), t_cat, c_cat,
         *x.stride(), *_strides(skip), *weight.stride(),
         *temb_strides, *_strides(residual),
         *_strides(sc_x), *_strides(sc_skip), *_strides(sc_w2, 2),
@@ -446,8 +462,10 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
         HAS_TEMB=temb is not None, HAS_RES=residual is not None, HAS_SC=sc_w is not None,
         SC_HAS_SKIP=sc_skip is not None, SC_HAS_BIAS=sc_b is not None, STATS=return_stats,
         NORM_FROM_GROUPS=group_norm is not None, GROUP_STATS=stats_groups > 0,
+        GROUP_STATS_CAT=stats_cat is not None,
         CPG_OUT=max(2, triton.next_power_of_2(cpg_out)),
-        BLOCK_T=min(64, triton.next_power_of_2(tiles_m)), IEEE=x.dtype == torch.float32,
+        BLOCK_T=min(64, triton.next_power_of_2(max(tiles_m, t_cat))),
+        IEEE=x.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         **_pdl_options())
     return stats, groups
