@@ -160,10 +160,12 @@ def test_truncated_safetensors(folder):
 
 
 def test_other_architecture_is_named(tmp_path, folder):
-    torch.manual_seed(0)
-    save_pretrained(UNet2DModel("cifar10"), tmp_path / "big")
+    from ddpm_fast.training import DIGITS_CONFIG
+
+    torch.manual_seed(0)      # another layout than the tiny U-Net: 1 channel, attention at one level
+    save_pretrained(UNet2DModel(DIGITS_CONFIG), tmp_path / "other")
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
-        (tmp_path / "big" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+        (tmp_path / "other" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="unexpected weights|has shape|missing weights"):
         load_unet(folder)
 
@@ -202,15 +204,20 @@ def test_original_checkpoint_converts_exactly(tmp_path, kw, wrap):
 
 def test_original_cifar10_layout_guesses_32px():
     from ddpm_fast.checkpoints import original_to_diffusers
+    from original_ddpm import Model
 
-    sd = _original_model(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,)).state_dict()
+    # the conversion reads names and shapes only: meta tensors, no 35.7 M weights drawn
+    with torch.device("meta"):
+        sd = Model(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,)).state_dict()
     config, converted = original_to_diffusers(sd, "cifar10.ckpt")
     assert config["sample_size"] == 32
     assert config["block_out_channels"] == [128, 256, 256, 256]
     assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
                                           "DownBlock2D"]
-    ours = UNet2DModel(config)
+    with torch.device("meta"):
+        ours = UNet2DModel(config)
     assert set(ours.state_dict()) == set(converted)
+    assert all(ours.state_dict()[k].shape == v.shape for k, v in converted.items())
     assert sum(v.numel() for v in converted.values()) == 35_746_307     # the paper's 35.7 M
 
 

@@ -19,7 +19,9 @@ CONFIGS = {
 
 
 def test_cifar10_parameter_count():
-    assert sum(p.numel() for p in UNet2DModel("cifar10").parameters()) == 35_746_307
+    with torch.device("meta"):           # shapes only: no 35.7 M weights drawn
+        unet = UNet2DModel("cifar10")
+    assert sum(p.numel() for p in unet.parameters()) == 35_746_307
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
