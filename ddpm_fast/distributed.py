@@ -146,17 +146,15 @@ class ShardStore:
                          ": write to another output, or overwrite to start over")
 
     def create(self, overwrite: bool = False) -> None:
-        """Rank 0 only: (re)create the folder and run.json, drop temporaries of killed writers."""
+        """Rank 0 only: remove another run's folder if `overwrite` allows it, and temporaries of
+        killed writers. The folder and run.json appear with the first shard, so a run refused at
+        its first batch (the pipeline's own checks) leaves nothing to trip over on a rerun."""
         import shutil
 
         if not self.check(overwrite):
             shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         for tmp in self.folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-        run = self.folder / "run.json"
-        if not run.is_file():
-            atomic_write_bytes(run, json.dumps(self.settings, indent=1, sort_keys=True).encode())
 
     def finished(self) -> dict[int, Path]:
         """seed → shard file, for every shard whose manifest matches its bytes."""
@@ -177,6 +175,9 @@ class ShardStore:
 
         import numpy as np
 
+        run = self.folder / "run.json"
+        if not run.is_file():      # before any shard; ranks racing here write the same bytes
+            atomic_write_bytes(run, json.dumps(self.settings, indent=1, sort_keys=True).encode())
         buf = io.BytesIO()
         np.savez(buf, arr_0=images, seeds=np.asarray(seeds, np.int64))   # images.SAMPLES_KEY
         data = buf.getvalue()

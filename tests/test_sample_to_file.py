@@ -153,6 +153,16 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, pipe, seeds, kwargs
     assert (tmp_path / "exists.npz").read_bytes() == b"keep me"
 
 
+def test_a_call_the_pipeline_refuses_leaves_nothing_behind(tmp_path, pipe, monkeypatch):
+    def refuse(self, **kwargs):
+        raise ValueError("refused by the pipeline's own checks")
+
+    monkeypatch.setattr(DDPMPipeline, "__call__", refuse)
+    with pytest.raises(ValueError, match="refused by the pipeline"):
+        sample(pipe, "0-3", tmp_path / "x.npz")
+    assert list(tmp_path.iterdir()) == []         # no OUT.parts/run.json to refuse a rerun
+
+
 def test_in_memory_runs_are_refused_under_torchrun(tmp_path, pipe, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")       # the ranks could only share work through shards
     with pytest.raises(ValueError, match="resumable=False samples in one process"):
