@@ -267,9 +267,12 @@ def load_unet(path: str | os.PathLike, device="cpu", dtype=torch.float32,
 
 def load_scheduler_config(path: str | os.PathLike) -> dict:
     """scheduler/scheduler_config.json of a pipeline folder, or the DDPM defaults if absent.
-    Every setting in it is honoured or refused here (schedule.check_scheduler_config), and so is
-    a scheduler class that model_index.json names (diffusers builds that class)."""
+    The scheduler class is the one model_index.json names (diffusers builds that class from the
+    config), else the config's _class_name: a DDPMScheduler or a DDIMScheduler, written into the
+    returned config's _class_name. Every setting is honoured or refused here
+    (schedulers.read_config)."""
     from .schedule import check_scheduler_config
+    from .schedulers import SCHEDULER_CLASSES, read_config
 
     p = Path(path)
     if p.is_file():                  # an original DDPM checkpoint
@@ -286,23 +289,27 @@ def load_scheduler_config(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{state_file}: {e}") from None
         return config
     index = p / "model_index.json"
+    index_class = None
     if index.is_file():
         entry = _read_json(index).get("scheduler")
-        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None \
-                and entry[1] != "DDPMScheduler":
-            raise CheckpointError(f"{index}: scheduler class {entry[1]!r} is not supported: "
-                                  "a folder must carry a DDPMScheduler config; a "
-                                  "DDIMScheduler is supported only as an object assigned to "
-                                  "pipe.scheduler after loading")
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None:
+            index_class = entry[1]
+            if index_class not in SCHEDULER_CLASSES:
+                raise CheckpointError(f"{index}: scheduler class {index_class!r} is not "
+                                      f"supported: ddpm_fast samples with "
+                                      f"{' or '.join(SCHEDULER_CLASSES)} settings")
+    source, config = index, dict(DEFAULT_SCHEDULER)
     for candidate in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json"):
         if candidate.is_file():
-            config = _read_json(candidate)
-            try:
-                check_scheduler_config(config)
-            except ValueError as e:
-                raise CheckpointError(f"{candidate}: {e}") from None
-            return config
-    return dict(DEFAULT_SCHEDULER)
+            source, config = candidate, _read_json(candidate)
+            break
+    if index_class is not None and isinstance(config, dict):
+        config = {**config, "_class_name": index_class}
+    try:
+        read_config(config)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return config
 
 
 # ------------------------------------------------------------------ original DDPM checkpoints
@@ -406,7 +413,9 @@ def save_pretrained(unet: UNet2DModel, path: str | os.PathLike,
                        json.dumps(unet.config.to_dict(), indent=2).encode())
     atomic_write_bytes(root / "scheduler" / "scheduler_config.json",
                        json.dumps(scheduler_config or DEFAULT_SCHEDULER, indent=2).encode())
+    # the class diffusers builds the scheduler as: the config's (DDPMScheduler or DDIMScheduler)
+    scheduler_class = (scheduler_config or DEFAULT_SCHEDULER).get("_class_name", "DDPMScheduler")
     index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
-             "scheduler": ["diffusers", "DDPMScheduler"]}
+             "scheduler": ["diffusers", scheduler_class]}
     atomic_write_bytes(root / "model_index.json", json.dumps(index, indent=2).encode())
     return root

@@ -289,26 +289,22 @@ def cmd_train(args) -> int:
 
 
 def scheduler_settings(path) -> dict:
-    """Every DDPMScheduler setting a model folder's scheduler config gives (defaults filled in),
-    or {"error": why it is refused}."""
+    """The scheduler class (_class_name: DDPMScheduler or DDIMScheduler) and every setting a
+    model folder's scheduler config gives (defaults filled in), or {"error": why it is refused}."""
     from .checkpoints import CheckpointError, load_scheduler_config
-    from .schedule import check_scheduler_config
+    from .schedulers import describe
 
     try:
-        return check_scheduler_config(load_scheduler_config(path))
+        name, settings, _ = describe(load_scheduler_config(path))
     except CheckpointError as e:
         return {"error": str(e)}
+    return {"_class_name": name, **settings}
 
 
 def non_default_settings(config: dict) -> str:
-    from .schedule import DDPM_SCHEDULER_DEFAULTS, check_scheduler_config
+    from .schedulers import describe
 
-    cfg = check_scheduler_config(config)
-    diff = [f"{k}={v!r}" for k, v in cfg.items() if v != DDPM_SCHEDULER_DEFAULTS[k]
-            and k != "trained_betas"]
-    if cfg["trained_betas"] is not None:
-        diff.append(f"trained_betas=[{len(cfg['trained_betas'])} values]")
-    return ", ".join(diff) or "all DDPMScheduler defaults"
+    return describe(config)[2]      # the class and the settings that are not its defaults
 
 
 def cmd_convert(args) -> int:

@@ -7,7 +7,9 @@
   their outputs for every step of the run are one table [steps, Σ channels]; a step reads its
   row by a device-side step index (22 small GEMMs per step fewer on the CIFAR model).
 - The sampler update is the fused ddpm_step op with in-kernel Philox noise keyed by
-  (seed, image index): no host arithmetic, no host random numbers.
+  (seed, image index): no host arithmetic, no host random numbers. Dynamic thresholding and
+  learned variances, which the kernel does not fuse, take ddpm_step_general instead (torch ops,
+  the same Philox noise, still no host sync, so still one graph).
 - On CUDA one step (U-Net + update + step-index increment) is captured once per batch shape as a
   CUDA graph and replayed for every step; nothing touches the host inside the loop.
 - cuDNN's benchmark mode is on while the runner works on CUDA: a run repeats the same
@@ -28,10 +30,10 @@ from typing import Optional, Sequence
 import torch
 
 from .ops.backend import UNET_SETTINGS, unet_setting
-from .ops.ddpm_step import ddpm_step_out
+from .ops.ddpm_step import ddpm_step_general, ddpm_step_out
 from .ops.philox import key_tensor, philox_normal
 from .sampling import WATCH_EVERY, check_finite
-from .schedule import COEF_COLS
+from .schedule import COEF_COLS, LEARNED_VARIANCES
 from .unet import TimeProjections, UNet2DModel
 
 
@@ -244,15 +246,20 @@ class FastRunner:
         # one kernel: cast to the model dtype straight into the model's memory format
         inp = x.to(dtype=self.dtype, memory_format=self.memory_format)
         eps = self._unet(inp, temb)
-        ddpm_step_out(x, x, eps, state["coef"], step, state["key"], None, state["clip"])
+        threshold, variance = state["rule"]
+        if threshold is None and variance is None:     # the common case: the fused kernel
+            ddpm_step_out(x, x, eps, state["coef"], step, state["key"], None, state["clip"])
+        else:
+            x.copy_(ddpm_step_general(x, eps, state["coef"], step, state["key"], None,
+                                      state["clip"], threshold, variance))
         step.add_(1)
 
-    def _state(self, batch, coef, temb, key, clip) -> dict:
+    def _state(self, batch, coef, temb, key, clip, rule) -> dict:
         c = self.unet.config
         return {"x": torch.zeros(batch, c.in_channels, c.sample_size, c.sample_size,
                                  device=self.device),
                 "step": torch.zeros(1, dtype=torch.int64, device=self.device),
-                "coef": coef, "temb": temb, "key": key, "clip": clip}
+                "coef": coef, "temb": temb, "key": key, "clip": clip, "rule": rule}
 
     def _warm_up(self, state: dict) -> None:
         """Two steps before capture (allocator, cuDNN plans, compilation), each from row 0 so
@@ -263,12 +270,12 @@ class FastRunner:
         state["step"].zero_()
 
     def _graph_for(self, batch: int, coef: torch.Tensor, temb: torch.Tensor, key: torch.Tensor,
-                   clip: bool):
-        """A captured step for this batch shape and table length. Its buffers are shaped like
-        (and first filled from) this run's tables; later runs copy theirs in."""
-        cache_key = (batch, coef.shape[0], clip, self.dtype)
+                   clip: bool, rule: tuple):
+        """A captured step for this batch shape, table length and step rule. Its buffers are
+        shaped like (and first filled from) this run's tables; later runs copy theirs in."""
+        cache_key = (batch, coef.shape[0], clip, rule, self.dtype)
         if cache_key not in self._graphs:
-            state = self._state(batch, coef.clone(), temb.clone(), key.clone(), clip)
+            state = self._state(batch, coef.clone(), temb.clone(), key.clone(), clip, rule)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), torch.no_grad():
@@ -286,15 +293,17 @@ class FastRunner:
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def _prepare(self, coef: torch.Tensor, timesteps: Sequence[int], batch: int, key, clip: bool):
+    def _prepare(self, coef: torch.Tensor, timesteps: Sequence[int], batch: int, key, clip: bool,
+                 rule: tuple = (None, None)):
         """(state, run-one-step) for a run: the cached graph with this run's tables copied into
-        its buffers, or eager steps when graphs are off or capture failed."""
+        its buffers, or eager steps when graphs are off or capture failed. rule: (threshold,
+        learned variance), both None for the fused step."""
         check_plan(coef, timesteps)
         coef = coef.to(self.device)
         temb = self.time_table(timesteps)
         if self.use_graphs:
             try:
-                graph, state = self._graph_for(batch, coef, temb, key, clip)
+                graph, state = self._graph_for(batch, coef, temb, key, clip, rule)
             except RuntimeError as e:              # capture failed: the eager path still works
                 warnings.warn(f"{e}; sampling without CUDA graphs")
             else:
@@ -302,21 +311,28 @@ class FastRunner:
                 state["temb"].copy_(temb)
                 state["key"].copy_(key)
                 return state, graph.replay
-        state = self._state(batch, coef, temb, key, clip)
+        state = self._state(batch, coef, temb, key, clip, rule)
         return state, lambda: self._step(state)
 
     @torch.no_grad()
     def sample(self, coef: torch.Tensor, timesteps: Sequence[int], batch: int, seed: int,
                first_image: int = 0, clip: bool = True, x_T: Optional[torch.Tensor] = None,
-               num_train_timesteps: int = 1000, progress=None) -> torch.Tensor:
-        """Run all rows of `coef` from x_T (Philox noise at step T unless given); returns x_0."""
+               num_train_timesteps: int = 1000, progress=None, *,
+               threshold: Optional[tuple] = None, variance: Optional[str] = None
+               ) -> torch.Tensor:
+        """Run all rows of `coef` from x_T (Philox noise at step T unless given); returns x_0.
+        threshold (ratio, max value): dynamic thresholding of x̂0; variance "learned" /
+        "learned_range": σ from the U-Net's second half (`coef` built for it). Either takes
+        the torch step (ddpm_step_general) instead of the fused kernel."""
+        rule = (None if threshold is None else tuple(threshold),
+                variance if variance in LEARNED_VARIANCES else None)
         c = self.unet.config
         shape = (batch, c.in_channels, c.sample_size, c.sample_size)
         if x_T is None:
             x_T = philox_normal(shape, seed, num_train_timesteps, first_image, self.device)
         with cudnn_benchmark(self.autotune_convs):
             state, run = self._prepare(coef, timesteps, batch,
-                                       key_tensor(seed, first_image, self.device), clip)
+                                       key_tensor(seed, first_image, self.device), clip, rule)
             state["x"].copy_(x_T)
             state["step"].zero_()
             for i in range(len(timesteps)):

@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoints, memory
 from .images import model_to_unit, unit_to_uint8
-from .sampling import NoiseSource, ddim_sample, ddpm_sample, sample_loop
+from .sampling import NoiseSource, check_model_output, ddim_sample, ddpm_sample, sample_loop
 from .schedule import Schedule, check_scheduler_config
 from .unet import UNet2DModel
 
@@ -108,8 +108,13 @@ class DDPMPipeline:
         if scheduler is not None:
             self.scheduler = scheduler
         else:
-            self._set_scheduler("ddpm", dict(scheduler_config or checkpoints.DEFAULT_SCHEDULER),
-                                None)
+            from .schedulers import read_config
+
+            # a config dict names its class (_class_name: DDPMScheduler by default, or
+            # DDIMScheduler, as a folder's scheduler_config.json does)
+            config = dict(scheduler_config or checkpoints.DEFAULT_SCHEDULER)
+            kind, settings = read_config(config)
+            self._set_scheduler(kind, config if kind == "ddpm" else settings, None)
         if dtype is not None:
             self._set_dtype(dtype)
 
@@ -126,10 +131,7 @@ class DDPMPipeline:
             ddpm_config = ddpm_part(settings)
             ddim_extra = {"set_alpha_to_one": settings["set_alpha_to_one"]}
         schedule = Schedule.from_scheduler_config(ddpm_config, self.numerics)
-        if self.mode == "fast" and schedule.threshold is not None:
-            raise ValueError("scheduler setting thresholding=True is not supported in fast mode "
-                             "(its per-image quantile is not in the fused step); use "
-                             "mode='reference', which honours it")
+        self._check_unet_output(kind, settings.get("variance_type", "fixed_small"))
         if obj is None:
             cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
             obj = cls.from_config({k: v for k, v in settings.items()})
@@ -139,6 +141,18 @@ class DDPMPipeline:
         self.clip = settings["clip_sample"]
         self._ddim = ddim_extra                      # None: the scheduler is a DDPMScheduler
         self._scheduler = obj
+
+    def _check_unet_output(self, sampler: str, variance: str) -> None:
+        """The U-Net's output channels fit the sampler: 2 × in_channels exactly for a learned
+        variance (DDPM only: diffusers' DDIMScheduler does not split the variance off)."""
+        c = self.unet.config
+        if sampler == "ddim" and c.out_channels != c.in_channels:
+            raise ValueError(f"DDIM needs a U-Net whose output is shaped like the image; this one "
+                             f"has out_channels={c.out_channels} for in_channels={c.in_channels}"
+                             " (diffusers' DDIMScheduler does not split off a learned variance):"
+                             " sample it with a DDPMScheduler")
+        if sampler == "ddpm":
+            check_model_output(variance, c.in_channels, c.out_channels)
 
     @property
     def scheduler(self):
@@ -323,10 +337,9 @@ class DDPMPipeline:
 
     @classmethod
     def from_diffusers(cls, pipe, **kwargs) -> "DDPMPipeline":
-        """From a diffusers DDPMPipeline object (same weights, same scheduler settings). Its
-        scheduler must be a DDPMScheduler; assign a DDIMScheduler to pipe.scheduler after."""
-        # a scheduler object's config does not name its class: say it, so that only a
-        # DDPMScheduler is accepted
+        """From a diffusers DDPMPipeline object (same weights, same scheduler: a DDPMScheduler
+        or a DDIMScheduler, sampled as that pipeline samples with it)."""
+        # a scheduler object's config does not name its class: say it (read_config routes it)
         config = {**dict(pipe.scheduler.config), "_class_name": type(pipe.scheduler).__name__}
         return cls.from_diffusers_unet(pipe.unet, config, **kwargs)
 
@@ -337,11 +350,12 @@ class DDPMPipeline:
         return cls(unet.to(kwargs.get("device") or "cpu"), scheduler_config, **kwargs)
 
     def save_pretrained(self, path) -> None:
+        """A diffusers folder with the U-Net and pipe.scheduler's settings (a DDIMScheduler's
+        folder names that class, as diffusers' save_pretrained writes it)."""
+        config = dict(self.scheduler_config)
         if self._ddim is not None:
-            raise ValueError("save_pretrained writes a DDPMScheduler folder; pipe.scheduler is a "
-                             "DDIMScheduler: set a DDPMScheduler back (e.g. ddpm_fast.schedulers."
-                             "DDPMScheduler.from_config(pipe.scheduler.config)) before saving")
-        checkpoints.save_pretrained(self.unet, path, self.scheduler_config)
+            config = {"_class_name": "DDIMScheduler", **config, **self._ddim}
+        checkpoints.save_pretrained(self.unet, path, config)
 
     @property
     def runner(self):
@@ -393,6 +407,7 @@ class DDPMPipeline:
             raise ValueError("use_clipped_model_output is a DDIMScheduler argument: set "
                              "pipe.scheduler to a DDIMScheduler to use it")
         variance = variance or self.variance
+        self._check_unet_output(sampler, variance)
         if clip is not None and self.schedule.threshold is not None:
             raise ValueError("clip= has no effect: the scheduler's thresholding replaces x̂0 "
                              "clipping (as in diffusers); leave clip unset")
@@ -420,7 +435,8 @@ class DDPMPipeline:
             if self.mode == "fast":
                 x = self.runner.sample(table, timesteps, batch_size, seed, first_image, clip,
                                        num_train_timesteps=self.schedule.num_timesteps,
-                                       progress=progress)
+                                       progress=progress, threshold=self.schedule.threshold,
+                                       variance=variance if sampler == "ddpm" else None)
             elif scheduler_ddim:
                 noise = NoiseSource(shape, self.device, None if seed is not None else generator,
                                     seed, first_image, self.schedule.num_timesteps)

@@ -13,9 +13,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .ops.ddpm_step import ddpm_step, ddpm_step_thresholded, predict_x0, threshold_sample
+from .ops.ddpm_step import ddpm_step, ddpm_step_general, step_x0
 from .ops.philox import key_tensor, philox_normal
-from .schedule import SIGMA, Schedule
+from .schedule import LEARNED_VARIANCES, SIGMA, Schedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -83,34 +83,56 @@ class NoiseSource:
         return None if self.philox else randn_like_diffusers(self.shape, self.generator, self.device)
 
 
+def check_model_output(variance: str, in_channels: int, out_channels: int) -> None:
+    """A U-Net predicts its variance (2 × in_channels outputs) exactly when the variance type is
+    learned: a ValueError says why otherwise, before any work (diffusers' DDPMScheduler fails
+    mid-run there: a shape error, or None ** 0.5)."""
+    learned = variance in LEARNED_VARIANCES
+    if learned and out_channels != 2 * in_channels:
+        raise ValueError(f"variance_type={variance!r} needs a U-Net that predicts its variance: "
+                         f"out_channels = 2 × in_channels = {2 * in_channels} (the second half "
+                         f"is the variance), but this one has out_channels={out_channels}")
+    if not learned and out_channels != in_channels:
+        why = (" (a learned variance in the second half: set the scheduler's variance_type to "
+               "'learned_range' or 'learned')" if out_channels == 2 * in_channels else "")
+        raise ValueError(f"this U-Net has out_channels={out_channels} for in_channels="
+                         f"{in_channels}{why}; variance_type={variance!r} uses a model output "
+                         "shaped like the image")
+
+
 @torch.no_grad()
 def sample_loop(model: Model, table: torch.Tensor, timesteps: Sequence[int], noise: NoiseSource,
                 *, clip: bool = True, x_T: Optional[torch.Tensor] = None,
                 intermediates_every: int = 0, progress=None,
-                threshold: Optional[tuple] = None, draw_every_step: bool = False) -> SampleOutput:
+                threshold: Optional[tuple] = None, variance: Optional[str] = None,
+                draw_every_step: bool = False) -> SampleOutput:
     """Run the steps of `table` (one row per timestep) from x_T down to x_0. `threshold` =
-    (ratio, max value) applies dynamic thresholding to x̂0 instead of clipping (torch ops).
-    A generator's noise is drawn for the steps whose σ is not 0, or for every step with
-    draw_every_step (diffusers' DDIMScheduler with η > 0 draws even where σ = 0)."""
+    (ratio, max value) applies dynamic thresholding to x̂0 instead of clipping; `variance`
+    "learned"/"learned_range" (a table built for it) takes σ from the model's second half
+    (both in torch ops: ddpm_step_general). A generator's noise is drawn for the steps whose σ
+    is not 0, or for every step with draw_every_step (diffusers' DDIMScheduler with η > 0
+    draws even where σ = 0)."""
     device = noise.device
     table = table.to(device)
     host_table = table.cpu()
     x = noise.initial() if x_T is None else x_T.to(device=device, dtype=torch.float32)
     out = SampleOutput(images=x)
     steps = torch.arange(len(timesteps), dtype=torch.int64, device=device)
+    learned = variance if variance in LEARNED_VARIANCES else None
+    fused = threshold is None and learned is None
     for i, t in enumerate(timesteps):
         t_tensor = torch.tensor(t, dtype=torch.int64, device=device)
         eps = model(x, t_tensor)
         # diffusers draws the step's noise after the model call and only when it is used
         z = noise.step_noise() if draw_every_step or host_table[i, SIGMA] != 0 else None
         if intermediates_every and (i % intermediates_every == 0 or i == len(timesteps) - 1):
-            x0 = (predict_x0(x, eps, table[i], clip) if threshold is None
-                  else threshold_sample(predict_x0(x, eps, table[i], False), *threshold))
+            x0 = step_x0(x, eps, table[i], clip, threshold, learned)
             out.intermediates.append((t, x.cpu(), x0.cpu()))
-        if threshold is None:
+        if fused:
             x = ddpm_step(x, eps, table, steps[i:i + 1], noise.key, z, clip)
         else:
-            x = ddpm_step_thresholded(x, eps, table, steps[i:i + 1], noise.key, z, threshold)
+            x = ddpm_step_general(x, eps, table, steps[i:i + 1], noise.key, z, clip, threshold,
+                                  learned)
         if (i + 1) % WATCH_EVERY == 0 or i == len(timesteps) - 1:
             check_finite(x, i, t, noise.first_image)
         if progress is not None:
@@ -123,13 +145,14 @@ def ddpm_sample(model: Model, schedule: Schedule, shape, *, generator=None, seed
                 first_image: int = 0, num_inference_steps: Optional[int] = None,
                 variance: str = "fixed_small", clip: bool = True, device="cpu",
                 x_T=None, intermediates_every: int = 0, progress=None) -> SampleOutput:
-    """DDPM ancestral sampling with σ² = β̃_t ("fixed_small") or β_t ("fixed_large")."""
+    """DDPM ancestral sampling with σ² = β̃_t ("fixed_small"), β_t ("fixed_large") or the
+    model's own ("learned", "learned_range": a U-Net with 2 × the image's channels)."""
     timesteps = schedule.timesteps(num_inference_steps)
     table = schedule.step_table(timesteps, variance, device)
     noise = NoiseSource(shape, device, generator, seed, first_image, schedule.num_timesteps)
     return sample_loop(model, table, timesteps, noise, clip=clip, x_T=x_T,
                        intermediates_every=intermediates_every, progress=progress,
-                       threshold=schedule.threshold)
+                       threshold=schedule.threshold, variance=variance)
 
 
 def ddim_sample(model: Model, schedule: Schedule, shape, *, num_inference_steps: int = 50,

@@ -12,6 +12,13 @@ arithmetic. Row layout (float32, matching csrc/common.h), `out` the model output
     x_prev = C0·x0 + C1·x + C2·out + SIGMA·z
     T      = the diffusion timestep t of this row (Philox step word)
 
+Learned variances (variance_type "learned" / "learned_range": the U-Net predicts 2·C channels, the
+second half v its variance) give σ per element instead: SIGMA is then 1 where the step adds
+noise (0 at the last step) and the step multiplies it by √v ("learned") or by
+exp(½(f·LMAX + (1−f)·LMIN)), f = (v+1)/2 ("learned_range", LMIN = log β̃_t clamped at 1e-20,
+LMAX = log β_t), as DDPMScheduler.step / _get_variance do (ops/ddpm_step.py's torch step; the
+fused kernels never see these tables).
+
 The prediction type picks (D, A, B): ε-prediction (1, √(1−ᾱ), √ᾱ), v-prediction (√ᾱ, √(1−ᾱ), 1),
 sample-prediction (0, −1, 1); each repeats DDPMScheduler.step's float32 expression exactly (D·x with
 D = 1 and a division by 1 are exact). R is the scheduler's clip_sample_range.
@@ -29,9 +36,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-A, B, C0, C1, C2, SIGMA, T_COL, D, R = range(9)
-COEF_COLS = 12            # 9 used; rows of 48 bytes
-VARIANCE_TYPES = ("fixed_small", "fixed_large", "fixed_small_log")
+A, B, C0, C1, C2, SIGMA, T_COL, D, R, LMIN, LMAX = range(11)
+COEF_COLS = 12            # 11 used; rows of 48 bytes
+FIXED_VARIANCES = ("fixed_small", "fixed_large", "fixed_small_log")
+LEARNED_VARIANCES = ("learned", "learned_range")     # σ from the model's second half
+VARIANCE_TYPES = FIXED_VARIANCES + LEARNED_VARIANCES
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 NUMERICS = ("float64", "diffusers")
@@ -50,10 +59,6 @@ _REFUSED_VALUES = {
     ("variance_type", "fixed_large_log"):
         "diffusers' DDPMScheduler takes the square root of log β_t (negative), so every image "
         "it samples is NaN",
-    ("variance_type", "learned"):
-        "it needs a model that predicts its variance (twice the output channels)",
-    ("variance_type", "learned_range"):
-        "it needs a model that predicts its variance (twice the output channels)",
 }
 
 
@@ -67,17 +72,19 @@ def check_scheduler_config(config: dict) -> dict:
 
     Passed like diffusers passes them: private keys ("_class_name", "_diffusers_version", …) and
     keys listed in "_use_default_values" (diffusers then uses the default). Refused: any
-    scheduler class other than DDPMScheduler, keys that are not DDPMScheduler settings (diffusers
-    would ignore them with a warning), and values this package cannot reproduce."""
+    scheduler class other than DDPMScheduler (schedulers.read_config takes DDIMScheduler too),
+    keys that are not DDPMScheduler settings (diffusers would ignore them with a warning), and
+    values this package cannot reproduce. Whether the U-Net's output fits variance_type
+    (learned variances need 2 × in_channels) is sampling.check_model_output's."""
     if not isinstance(config, dict):
         raise ValueError(f"scheduler config must be a dict, got {type(config).__name__}")
     cls = config.get("_class_name", "DDPMScheduler")
     if cls != "DDPMScheduler":
-        raise ValueError(f"scheduler _class_name {cls!r} is not supported here: a scheduler "
-                         "config (a folder's scheduler_config.json, from_diffusers / accelerate)"
-                         " must be a DDPMScheduler's; a DDIMScheduler is supported only as an "
-                         "object assigned to pipe.scheduler (e.g. pipe.scheduler = ddpm_fast."
-                         "schedulers.DDIMScheduler.from_config(pipe.scheduler.config))")
+        why = ("its settings are read by ddpm_fast.schedulers.read_config / ddim_settings "
+               "(folders, pipelines and pipe.scheduler take DDIMScheduler configs)"
+               if cls == "DDIMScheduler" else
+               "ddpm_fast samples with DDPMScheduler or DDIMScheduler settings")
+        raise ValueError(f"scheduler _class_name {cls!r} is not a DDPMScheduler config: {why}")
     used_defaults = config.get("_use_default_values", [])
     given = {k: v for k, v in config.items()
              if not k.startswith("_") and k not in used_defaults}
@@ -334,7 +341,8 @@ class Schedule:
     # ------------------------------------------------------------------ per-step tables
     def step_table(self, timesteps: Sequence[int], variance: str = "fixed_small",
                    device="cpu") -> torch.Tensor:
-        """DDPM ancestral-step coefficients, one float32 row per timestep (layout: module doc)."""
+        """DDPM ancestral-step coefficients, one float32 row per timestep (layout: module doc;
+        a learned variance fills SIGMA, LMIN and LMAX as it says)."""
         if variance not in VARIANCE_TYPES:
             raise ValueError(f"variance must be one of {VARIANCE_TYPES}, got {variance!r}")
         ts = self._check_timesteps(timesteps)
@@ -433,13 +441,21 @@ class Schedule:
         self._x0_columns(rows, a_t.sqrt(), (1 - a_t).sqrt())
         rows[:, C0] = a_prev.sqrt() * beta / (1 - a_t)
         rows[:, C1] = alpha.sqrt() * (1 - a_prev) / (1 - a_t)
-        if variance == "fixed_large":
-            var = beta
+        small = (beta * (1 - a_prev) / (1 - a_t)).clamp(min=1e-20)
+        if variance in LEARNED_VARIANCES:
+            self._learned_columns(rows, ts, small.log(), beta.log())
         else:  # fixed_small and fixed_small_log: the same σ in exact arithmetic
-            var = (beta * (1 - a_prev) / (1 - a_t)).clamp(min=1e-20)
-        rows[:, SIGMA] = var.sqrt() * (torch.tensor(ts) > 0)   # no noise at the last step
+            var = beta if variance == "fixed_large" else small
+            rows[:, SIGMA] = var.sqrt() * (torch.tensor(ts) > 0)   # no noise at the last step
         rows[:, T_COL] = torch.tensor(ts, dtype=torch.float64)
         return rows.float()
+
+    @staticmethod
+    def _learned_columns(rows, ts, log_small, log_beta) -> None:
+        """A learned variance's columns: SIGMA flags the steps that add noise (σ itself comes
+        from the model), LMIN/LMAX bound learned_range's log variance (module doc)."""
+        rows[:, SIGMA] = (torch.tensor(ts) > 0).to(rows.dtype)
+        rows[:, LMIN], rows[:, LMAX] = log_small, log_beta
 
     def _diffusers_rows(self, ts, prev, variance) -> torch.Tensor:
         # Elementwise float32 ops in the order of DDPMScheduler.step / _get_variance: each op
@@ -458,12 +474,15 @@ class Schedule:
         rows[:, C1] = cur_alpha ** 0.5 * beta_prod_prev / beta_prod_t
         var_beta = 1 - a_t / a_prev
         small = torch.clamp((1 - a_prev) / (1 - a_t) * var_beta, min=1e-20)
-        if variance == "fixed_small":
-            std = small ** 0.5
-        elif variance == "fixed_small_log":          # _get_variance returns the std itself
-            std = torch.exp(0.5 * torch.log(small))
+        if variance in LEARNED_VARIANCES:           # _get_variance's min_log and max_log
+            self._learned_columns(rows, ts, torch.log(small), torch.log(var_beta))
         else:
-            std = var_beta ** 0.5
-        rows[:, SIGMA] = std * (torch.tensor(ts) > 0)
+            if variance == "fixed_small":
+                std = small ** 0.5
+            elif variance == "fixed_small_log":      # _get_variance returns the std itself
+                std = torch.exp(0.5 * torch.log(small))
+            else:
+                std = var_beta ** 0.5
+            rows[:, SIGMA] = std * (torch.tensor(ts) > 0)
         rows[:, T_COL] = torch.tensor(ts, dtype=torch.float32)
         return rows

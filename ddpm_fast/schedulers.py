@@ -8,6 +8,10 @@ holders of a validated config with diffusers' names (no diffusers import): `DDPM
 scheduler object of either library is read through its `.config` alone (duck typing) and its
 class name, and every setting is honoured or refused by name.
 
+A folder whose scheduler_config.json (or model_index.json) names DDIMScheduler is read the same
+way (read_config): the pipeline samples DDIM with it, as diffusers' DDPMPipeline does with that
+scheduler (eta = 0 unless the call gives one).
+
 DDIM follows diffusers' DDIMScheduler.step exactly: the previous timestep is
 t − num_train_timesteps // num_inference_steps (not the next timestep of the run, which differs
 under "trailing"/"linspace" spacing), ᾱ before the first step is 1 (set_alpha_to_one) or ᾱ_0,
@@ -88,6 +92,33 @@ def ddim_settings(config: dict) -> dict:
     checked = check_scheduler_config(shared)
     checked.pop("variance_type")
     return {**checked, "set_alpha_to_one": cfg["set_alpha_to_one"]}
+
+
+def read_config(config: dict) -> tuple[str, dict]:
+    """("ddpm" | "ddim", every setting with defaults filled in) of a scheduler config dict (a
+    folder's scheduler_config.json): its _class_name picks the class, DDPMScheduler when absent;
+    any other class, and any setting not honoured, is a ValueError naming it."""
+    if not isinstance(config, dict):
+        raise ValueError(f"scheduler config must be a dict, got {type(config).__name__}")
+    if config.get("_class_name") == "DDIMScheduler":
+        return "ddim", ddim_settings(config)
+    return "ddpm", check_scheduler_config(config)
+
+
+def describe(config: dict) -> tuple[str, dict, str]:
+    """(class name, its settings, the settings that differ from its defaults as text) of a
+    scheduler config dict: what `ddpm-fast info` and `convert` show."""
+    kind, settings = read_config(config)
+    name, defaults = (("DDPMScheduler", DDPM_SCHEDULER_DEFAULTS) if kind == "ddpm" else
+                      ("DDIMScheduler", DDIM_SCHEDULER_DEFAULTS))
+    diff = [f"{k}={v!r}" for k, v in settings.items()
+            if v != defaults[k] and k != "trained_betas"]
+    if settings["trained_betas"] is not None:
+        diff.append(f"trained_betas=[{len(settings['trained_betas'])} values]")
+    if not diff:
+        return name, settings, f"all {name} defaults"
+    text = ", ".join(diff)
+    return name, settings, text if kind == "ddpm" else f"DDIMScheduler with {text}"
 
 
 def ddpm_part(ddim_config: dict) -> dict:

@@ -413,3 +413,28 @@ def test_conv_unet_launches_no_norm_finalizer(monkeypatch):
             got = unet(x, t)
     assert finalizers == []
     assert (got - expect).abs().max().item() <= 1e-4 * expect.abs().max().item()
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (interpreter on CPU)")
+def test_cifar_conv_unet_kernel_count(monkeypatch):
+    """The CIFAR-10 U-Net under "conv" kernels is 64 convolution launches and 6 attentions per
+    forward, and no norm finalizer (counted, not run: the outputs stay uninitialised)."""
+    from ddpm_fast.kernels.triton import conv2d as triton_conv
+    from ddpm_fast.unet import UNet2DModel
+
+    launches = []
+
+    class Count:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append(grid)
+
+    attention_op = sys.modules["ddpm_fast.ops.attention"]   # the package exports the op's name
+    attentions = []
+    monkeypatch.setattr(attention_op, "attention",
+                        lambda q, k, v, scale: attentions.append(1) or torch.empty_like(q))
+    monkeypatch.setattr(triton_conv, "_conv2d_kernel", Count())
+    finalizers = _count_finalizers(monkeypatch)
+    unet = UNet2DModel("cifar10").eval().set_kernels("conv")
+    with torch.no_grad(), use_backend("triton"):
+        unet(torch.zeros(1, 3, 32, 32), torch.tensor([10]))
+    assert (len(launches), len(finalizers), len(attentions)) == (64, 0, 6)

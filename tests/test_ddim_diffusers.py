@@ -1,6 +1,8 @@
 """ddpm_fast's DDIM extra (sampler="ddim" with the folder's DDPM scheduler config) is diffusers'
 DDIMPipeline with DDIMScheduler.from_config(that config): the same images for the same
 torch.Generator in reference mode, and fast mode runs the same table."""
+import json
+
 import pytest
 import torch
 
@@ -71,3 +73,81 @@ def test_fast_mode_ddim_table_matches_reference(tmp_path, tiny_diffusers_unet):
     a, b, c = ref(**kw).images, ref64(**kw).images, fast(**kw).images
     # float32 against float64 coefficients; fast mode's fused step and convolutions
     assert (a - b).abs().max() <= 5e-4 and (b - c).abs().max() <= 5e-4
+
+
+# ---------------------------------------------------------------------- DDIMScheduler folders
+
+FOLDER_CASES = {        # DDIMScheduler settings; "index": only model_index.json names DDIM
+    "defaults": {},
+    "no_alpha_to_one_trailing_noclip": {"set_alpha_to_one": False, "timestep_spacing": "trailing",
+                                        "clip_sample": False},
+    "index": {"beta_schedule": "squaredcos_cap_v2"},
+}
+
+
+def _ddim_folder(path, unet, case):
+    settings = FOLDER_CASES[case]
+    if case == "index":     # a DDPM folder whose model_index.json says DDIMScheduler
+        diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**settings)) \
+            .save_pretrained(path)
+        index = json.loads((path / "model_index.json").read_text())
+        index["scheduler"] = ["diffusers", "DDIMScheduler"]
+        (path / "model_index.json").write_text(json.dumps(index))
+    else:
+        diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(**settings)) \
+            .save_pretrained(path)
+    # the scheduler diffusers builds from the folder, the U-Net in memory (a U-Net diffusers
+    # loads computes its last bits differently: ≈ 1e-6 on this model)
+    scheduler = diffusers.DDPMPipeline.from_pretrained(path).scheduler
+    assert type(scheduler).__name__ == "DDIMScheduler"
+    theirs = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
+    theirs.set_progress_bar_config(disable=True)
+    return theirs
+
+
+@pytest.mark.parametrize("case", list(FOLDER_CASES))
+def test_ddim_folder_samples_as_diffusers_ddpm_pipeline(tmp_path, tiny_diffusers_unet, case):
+    # diffusers' DDPMPipeline with the folder's DDIMScheduler: set_timesteps(n), then
+    # step(output, t, image, generator=…), so DDIM with eta = 0
+    theirs = _ddim_folder(tmp_path, tiny_diffusers_unet, case)
+    ours = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
+    assert type(ours.scheduler).__name__ == "DDIMScheduler"
+    assert ours.scheduler.config["set_alpha_to_one"] == theirs.scheduler.config.set_alpha_to_one
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        a = theirs(batch_size=1, generator=g1, num_inference_steps=8, output_type="pt").images
+    b = ours(batch_size=1, generator=g2, num_inference_steps=8, output_type="pt").images
+    assert torch.equal(a, b), (a - b).abs().max()
+    assert torch.equal(g1.get_state(), g2.get_state())
+    if case == "defaults":       # fast mode runs the same DDIM table
+        ref = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, numerics="float64")
+        fast = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, mode="fast", dtype=torch.float32)
+        kw = dict(batch_size=1, seed=2, num_inference_steps=8, output_type="pt")
+        # fast mode's convolutions round differently; deterministic DDIM carries it (2.2e-5)
+        assert (ref(**kw).images - fast(**kw).images).abs().max() <= 1e-4
+
+
+def test_ddim_folder_info_convert_save_and_accelerate(tmp_path, tiny_diffusers_unet, capsys):
+    from ddpm_fast import cli
+
+    case = "no_alpha_to_one_trailing_noclip"
+    theirs = _ddim_folder(tmp_path / "m", tiny_diffusers_unet, case)
+    shown = cli.scheduler_settings(tmp_path / "m")
+    assert shown["_class_name"] == "DDIMScheduler" and shown["set_alpha_to_one"] is False
+    assert "variance_type" not in shown
+    assert cli.main(["convert", str(tmp_path / "m"), "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "DDIMScheduler with" in out and "set_alpha_to_one=False" in out
+    # the converted folder and ours.save_pretrained are DDIMScheduler folders for diffusers too
+    ours = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path / "m")
+    ours.save_pretrained(tmp_path / "s")
+    for folder in ("c", "s"):
+        back = diffusers.DDPMPipeline.from_pretrained(tmp_path / folder)
+        assert type(back.scheduler).__name__ == "DDIMScheduler"
+        public = [{k: v for k, v in p.scheduler.config.items() if not k.startswith("_")}
+                  for p in (back, theirs)]
+        assert public[0] == public[1]
+    # accelerate() of a diffusers DDPMPipeline carrying a DDIMScheduler keeps it
+    fast = ddpm_fast.accelerate(theirs, dtype=torch.float32)
+    assert type(fast.scheduler).__name__ == "DDIMScheduler"
+    assert fast.scheduler.config["timestep_spacing"] == "trailing"

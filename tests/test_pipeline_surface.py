@@ -164,14 +164,12 @@ def test_assigning_a_ddpm_scheduler_switches_its_settings(folder, theirs):
 
 def test_unsupported_scheduler_settings_and_classes_are_refused_by_name(folder, their_images):
     pipe = ours(folder)
-    with pytest.raises(ValueError, match="variance_type='learned'"):
-        pipe.scheduler = diffusers.DDPMScheduler(variance_type="learned")
+    with pytest.raises(ValueError, match="variance_type='learned' needs a U-Net"):
+        pipe.scheduler = diffusers.DDPMScheduler(variance_type="learned")   # 3 output channels
     with pytest.raises(ValueError, match="EulerDiscreteScheduler"):
         pipe.scheduler = diffusers.EulerDiscreteScheduler()
     with pytest.raises(ValueError, match="set_alpha_to_one"):
         ddpm_fast.schedulers.DDPMScheduler(set_alpha_to_one=False)
-    with pytest.raises(ValueError, match="thresholding.*fast mode"):
-        ours(folder, mode="fast").scheduler = diffusers.DDIMScheduler(thresholding=True)
     # a refused scheduler changes nothing
     assert type(pipe.scheduler).__name__ == "DDPMScheduler" and pipe.variance == "fixed_small"
 

@@ -96,7 +96,7 @@ def test_bad_step_counts(bad):
 def test_bad_tables():
     s = Schedule.linear()
     with pytest.raises(ValueError, match="variance"):
-        s.step_table([10, 5], "learned")
+        s.step_table([10, 5], "fixed_large_log")
     with pytest.raises(ValueError, match="decreasing"):
         s.step_table([5, 10])
     with pytest.raises(ValueError, match="eta"):

@@ -43,7 +43,6 @@ HONOURED = {
     "linspace": dict(timestep_spacing="linspace"),
     "steps_offset=1": dict(steps_offset=1),
 }
-REFERENCE_ONLY = {"thresholding"}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +87,7 @@ def test_reference_mode_equals_diffusers(tmp_path, tiny_unet, default_images, na
         assert (b - default_images).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", [n for n in HONOURED if n not in REFERENCE_ONLY])
+@pytest.mark.parametrize("name", list(HONOURED))
 def test_fast_mode_fp32_agrees_with_reference(tmp_path, tiny_unet, name):
     _save(tmp_path, tiny_unet, **HONOURED[name])
     ref = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, numerics="float64")
@@ -154,11 +153,9 @@ def test_use_default_values_is_followed_like_diffusers(tmp_path, tiny_unet, defa
 REFUSED = [
     ({"variance_power": 2.0}, "variance_power"),
     ({"set_alpha_to_one": False}, "set_alpha_to_one"),          # a DDIMScheduler setting
-    ({"_class_name": "DDIMScheduler"}, "DDIMScheduler"),
     ({"_class_name": "EulerDiscreteScheduler"}, "EulerDiscreteScheduler"),
     ({"variance_type": "fixed_large_log"}, "variance_type='fixed_large_log'.*NaN"),
-    ({"variance_type": "learned"}, "variance_type='learned'"),
-    ({"variance_type": "learned_range"}, "variance_type='learned_range'"),
+    ({"variance_type": "learned_"}, "variance_type='learned_'"),
     ({"prediction_type": "x_prediction"}, "prediction_type='x_prediction'"),
     ({"beta_schedule": "exponential"}, "beta_schedule='exponential'"),
     ({"timestep_spacing": "middle"}, "timestep_spacing='middle'"),
@@ -194,27 +191,20 @@ def test_private_keys_and_harmless_settings_pass():
 
 
 def test_model_index_naming_another_scheduler_is_refused(tmp_path, tiny_unet):
+    # diffusers builds the class model_index.json names (DDIM folders: test_ddim_diffusers.py)
     _save(tmp_path, tiny_unet)
     p = tmp_path / "model_index.json"
     index = json.loads(p.read_text())
-    index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
     p.write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="DDIMScheduler"):
+    with pytest.raises(CheckpointError, match="model_index.json.*EulerDiscreteScheduler"):
         ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
 
 
-def test_thresholding_is_refused_in_fast_mode_and_with_clip():
-    with pytest.raises(ValueError, match="thresholding.*fast mode"):
-        ddpm_fast.DDPMPipeline(UNet2DModel("tiny"), {"thresholding": True}, mode="fast")
+def test_thresholding_refuses_clip():
     pipe = ddpm_fast.DDPMPipeline(UNet2DModel("tiny"), {"thresholding": True})
     with pytest.raises(ValueError, match="clip= has no effect.*thresholding"):
         pipe(num_inference_steps=2, clip=False)
-
-
-def test_accelerate_refuses_a_ddim_scheduler(tiny_unet):
-    pipe = diffusers.DDPMPipeline(unet=tiny_unet, scheduler=diffusers.DDIMScheduler())
-    with pytest.raises(ValueError, match="DDIMScheduler"):
-        ddpm_fast.accelerate(pipe)
 
 
 def test_bits_per_dim_and_training_refuse_other_prediction_types():
@@ -245,3 +235,100 @@ def test_stale_native_module_is_never_run(monkeypatch):
     assert torch.equal(got, ddpm_step_reference(x, eps, table, step, key, None, True))
     with backend.use_backend("native"), pytest.raises(RuntimeError, match="rebuild"):
         ddpm_step(x, eps, table, step, key, None, True)
+
+
+# ---------------------------------------------------------------------- learned variances
+
+LEARNED_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def learned_unet():
+    """A tiny random U-Net with 2 × 3 output channels, the second half its variance. diffusers'
+    "learned" reads that half as the variance itself (σ = √v): it is kept small and positive
+    here, as a random model's negative values would make every image NaN (in diffusers too)."""
+    torch.manual_seed(1)
+    d = PRESETS["tiny"].to_dict()
+    d.pop("_class_name")
+    unet = diffusers.UNet2DModel(**{**d, "out_channels": 6}).eval()
+    with torch.no_grad():
+        unet.conv_out.weight[3:] *= 0.002
+        unet.conv_out.bias[3:] = 0.05
+    return unet
+
+
+@pytest.mark.parametrize("variance", ["learned", "learned_range"])
+def test_learned_variance_equals_diffusers_and_fast_mode(tmp_path, learned_unet, variance):
+    theirs = _save(tmp_path, learned_unet, variance_type=variance)
+    ours = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
+    kw = dict(batch_size=1, num_inference_steps=LEARNED_STEPS, output_type="pt")
+    a = theirs(generator=torch.manual_seed(7), **kw).images
+    b = ours(generator=torch.manual_seed(7), **kw).images
+    assert torch.isfinite(b).all()
+    assert torch.equal(a, b), (a - b).abs().max()      # bit for bit
+    # the predicted variance is used: σ from a larger v changes the images
+    bigger = ours.unet.conv_out.bias.detach().clone()
+    bigger[3:] = 0.5
+    with torch.no_grad():
+        ours.unet.conv_out.bias.copy_(bigger)
+    assert (ours(generator=torch.manual_seed(7), **kw).images - b).abs().max() > 1e-3
+    # fast mode (fp32, its torch step for learned variances) on the same Philox noise
+    ref = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, numerics="float64")
+    fast = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, mode="fast", dtype=torch.float32)
+    kw.update(seed=3)
+    assert (ref(**kw).images - fast(**kw).images).abs().max() <= 1e-5
+
+
+def test_learned_variance_needs_twice_the_channels_and_fixed_refuses_them(learned_unet):
+    c_only = UNet2DModel("tiny")                                    # out_channels = 3
+    for variance in ("learned", "learned_range"):
+        with pytest.raises(ValueError, match=f"variance_type='{variance}'.*out_channels=3"):
+            ddpm_fast.DDPMPipeline(c_only, {"variance_type": variance})
+    two_c = UNet2DModel(dict(learned_unet.config))                 # out_channels = 6
+    # diffusers' DDPMScheduler does not split the output then: a shape error mid-run
+    with pytest.raises(ValueError, match="out_channels=6.*'learned_range'"):
+        ddpm_fast.DDPMPipeline(two_c, {"variance_type": "fixed_large"})
+    pipe = ddpm_fast.DDPMPipeline(two_c, {"variance_type": "learned_range"})
+    with pytest.raises(ValueError, match="out_channels=6.*variance_type='fixed_small'"):
+        pipe(num_inference_steps=2, variance="fixed_small")
+    # diffusers' DDIMScheduler does not split it off either
+    with pytest.raises(ValueError, match="DDIM.*out_channels=6"):
+        pipe(num_inference_steps=2, sampler="ddim")
+    with pytest.raises(ValueError, match="DDIM.*out_channels=6"):
+        pipe.scheduler = ddpm_fast.schedulers.DDIMScheduler()
+
+
+# ---------------------------------------------------------------------- thresholding, fast
+
+def test_thresholded_step_is_batch_invariant_and_fast_equals_reference():
+    from ddpm_fast.ops.ddpm_step import ddpm_step_general
+    from ddpm_fast.ops.philox import key_tensor, philox_normal
+
+    s = Schedule.from_scheduler_config(HONOURED["thresholding"], "float64")
+    ts = s.timesteps(STEPS)
+    table = s.step_table(ts)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 8, 8, generator=g) * 3          # |x̂0| well above 1: s is active
+    eps = torch.randn(3, 3, 8, 8, generator=g)
+    step = torch.tensor([1])
+    th = s.threshold
+    batch = ddpm_step_general(x, eps, table, step, key_tensor(5, 0), None, True, th)
+    for i in range(3):      # image i alone, as image index i: the same bits
+        one = ddpm_step_general(x[i:i + 1], eps[i:i + 1], table, step, key_tensor(5, i), None,
+                                True, th)
+        assert torch.equal(one, batch[i:i + 1])
+    # in-graph Philox noise (fast mode) = the same noise given from outside (reference mode)
+    z = philox_normal(x.shape, 5, ts[1])
+    assert torch.equal(batch, ddpm_step_general(x, eps, table, step, key_tensor(5, 0), z, True,
+                                                th))
+    assert not torch.equal(batch, ddpm_step_general(x, eps, table, step, key_tensor(5, 0), z,
+                                                    True))      # thresholding acts here
+
+
+def test_fast_thresholding_images_independent_of_batch(tmp_path, tiny_unet):
+    _save(tmp_path, tiny_unet, **HONOURED["thresholding"])
+    fast = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path, mode="fast", dtype=torch.float32)
+    kw = dict(seed=5, num_inference_steps=5, output_type="pt")
+    big = fast(batch_size=3, **kw).images
+    one = fast(batch_size=1, first_image=2, **kw).images
+    assert (big[2:3] - one).abs().max() <= 1e-5

@@ -9,6 +9,9 @@ output, whatever it predicts), and a CUDA graph replays it for any step.
 z is the given noise tensor, or Philox normals keyed by `key` = (seed, first image index) at
 Philox step T when noise is None. x and the result are float32; ε may be fp32/bf16/fp16 in any
 memory layout (the U-Net's channels_last output is read in place).
+
+ddpm_step_general is the same step in torch ops for what the kernels do not fuse: dynamic
+thresholding and learned variances (fast mode's separate path for those settings).
 """
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ from typing import Optional
 import torch
 
 from .. import _native
-from ..schedule import A, B, C0, C1, C2, COEF_COLS, D, R, SIGMA, T_COL
+from ..schedule import (A, B, C0, C1, C2, COEF_COLS, D, LEARNED_VARIANCES, LMAX, LMIN, R,
+                        SIGMA, T_COL)
 from . import backend
+from .philox import _philox_normal_op as philox_normal_op
 from .philox import philox_normal_reference
 
 
@@ -32,7 +37,9 @@ def predict_x0(x, eps, row, clip: bool) -> torch.Tensor:
 
 def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Dynamic thresholding (Saharia et al. 2022) exactly as DDPMScheduler._threshold_sample:
-    per image s = clamp(quantile(|x0|, ratio), 1, max_value); x0 clamped to [−s, s], over s."""
+    per image s = clamp(quantile(|x0|, ratio), 1, max_value); x0 clamped to [−s, s], over s.
+    Each image's s comes from its own pixels only, so an image's result never depends on the
+    batch it is in."""
     b = x0.shape[0]
     flat = x0.reshape(b, -1)
     s = torch.quantile(flat.abs(), ratio, dim=1)
@@ -40,12 +47,54 @@ def threshold_sample(x0: torch.Tensor, ratio: float, max_value: float) -> torch.
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape)
 
 
-def ddpm_step_thresholded(x, eps, coef, step, key, noise, threshold) -> torch.Tensor:
-    """The step with dynamic thresholding of x̂0 instead of clipping (torch only: the quantile
-    is a per-image reduction the fused kernels do not do). threshold = (ratio, max value)."""
+def split_output(out: torch.Tensor, channels: int, variance: Optional[str]):
+    """(model output, predicted variance or None): a learned variance's U-Net gives 2·C
+    channels, the second half its variance (DDPMScheduler.step's torch.split)."""
+    if variance not in LEARNED_VARIANCES:
+        return out, None
+    torch._check(out.shape[1] == 2 * channels, lambda: (
+        f"variance_type={variance!r} needs a model output of {2 * channels} channels (2 × the "
+        f"image's {channels}: the second half is the variance), got {out.shape[1]}"))
+    return torch.split(out, channels, dim=1)
+
+
+def step_x0(x, out, row, clip: bool, threshold: Optional[tuple] = None,
+            variance: Optional[str] = None) -> torch.Tensor:
+    """A step's x̂0: from the output's first C channels, then thresholded (threshold = (ratio,
+    max value), which replaces clipping as in diffusers) or clipped when clip."""
+    eps, _ = split_output(out, x.shape[1], variance)
+    if threshold is not None:
+        return threshold_sample(predict_x0(x, eps, row, False), *threshold)
+    return predict_x0(x, eps, row, clip)
+
+
+def ddpm_step_general(x, out, coef, step, key, noise, clip: bool,
+                      threshold: Optional[tuple] = None, variance: Optional[str] = None
+                      ) -> torch.Tensor:
+    """The step in torch ops, for what the fused kernels do not do: dynamic thresholding of x̂0
+    (a per-image quantile) and learned variances (σ per element from the output's second half,
+    schedule.py's module doc). Its arithmetic is DDPMScheduler.step's, in its order, so with a
+    "diffusers" table and external noise it gives diffusers' samples bit for bit; and it never
+    syncs with the host (the row, the Philox step word and the noise scale stay on the device),
+    so fast mode's CUDA graph captures it. noise None: Philox normals keyed by `key` at the
+    row's step word T, as the kernels draw them."""
     row = coef.index_select(0, step.reshape(1).to(coef.device)).reshape(-1)
-    x0 = threshold_sample(predict_x0(x, eps, row, False), *threshold)
-    return _step_from_x0(x, x0, eps, row, key, noise)
+    eps, predicted = split_output(out, x.shape[1], variance)
+    x0 = step_x0(x, eps, row, clip, threshold)
+    mean = row[C0] * x0 + row[C1] * x + row[C2] * eps.float()   # C2 = 0 (exact) but in DDIM
+    if noise is None:
+        word = row[T_COL].to(torch.int64).reshape(1)
+        noise = philox_normal_op(key, word, x.shape[0], x[0].numel()).view_as(x)
+    if predicted is None:                       # a fixed variance: the row's σ
+        return mean + row[SIGMA] * noise
+    predicted = predicted.float()
+    if variance == "learned":                   # _get_variance returns the output itself
+        scaled = predicted ** 0.5 * noise
+    else:                                       # learned_range: between log β̃_t and log β_t
+        frac = (predicted + 1) / 2
+        scaled = torch.exp(0.5 * (frac * row[LMAX] + (1 - frac) * row[LMIN])) * noise
+    # SIGMA flags the steps that add noise: none at the last (where √v may be NaN)
+    return mean + torch.where(row[SIGMA] != 0, scaled, torch.zeros_like(scaled))
 
 
 def ddpm_step_reference(x, eps, coef, step, key, noise, clip: bool) -> torch.Tensor:
