@@ -1,6 +1,8 @@
 """Build ddpm_fast: the Python package plus the native module ddpm_fast._C, built by CMake + Ninja.
 
 Environment:
+  DDPM_FAST_NATIVE=ON|OFF           build ddpm_fast._C at all (default ON; OFF: a pure-Python
+                                    package on torch and Triton paths, built in seconds)
   DDPM_FAST_CUDA=AUTO|ON|OFF        build the CUDA kernels (default AUTO: when nvcc is found)
   DDPM_FAST_CUDA_ARCHS="80;86;89;90"  CUDA architectures
   DDPM_FAST_BUILD_JOBS=N            parallel compile jobs
@@ -46,4 +48,8 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
 
 
-setup(ext_modules=[CMakeExtension("ddpm_fast._C")], cmdclass={"build_ext": CMakeBuild})
+native = os.environ.get("DDPM_FAST_NATIVE", "ON").upper()
+if native not in ("ON", "OFF"):
+    sys.exit(f"DDPM_FAST_NATIVE must be ON or OFF, got {native!r}")
+setup(ext_modules=[CMakeExtension("ddpm_fast._C")] if native == "ON" else [],
+      cmdclass={"build_ext": CMakeBuild})

@@ -70,6 +70,17 @@ def draw_seed(generator=None) -> int:
     return int(torch.randint(SEED_BOUND, (1,), generator=generator, device=device).item())
 
 
+# Sampling steps when none are given, in the API and the CLI alike: the default of diffusers'
+# pipeline for that sampler (DDPMPipeline 1000, DDIMPipeline 50)
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
+
+
+def default_steps(sampler: str, num_train_timesteps: int) -> int:
+    """num_inference_steps when none is given: DEFAULT_STEPS[sampler], or all the model's
+    timesteps when it has fewer."""
+    return min(DEFAULT_STEPS[sampler], num_train_timesteps)
+
+
 def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -381,7 +392,8 @@ class DDPMPipeline:
         return lambda x, t: unet(x.to(dtype), t)
 
     @torch.no_grad()
-    def __call__(self, batch_size: int | str = 1, generator=None, num_inference_steps: int = 1000,
+    def __call__(self, batch_size: int | str = 1, generator=None,
+                 num_inference_steps: Optional[int] = None,
                  output_type: str = "pil", return_dict: bool = True, *, seed: Optional[int] = None,
                  first_image: int = 0, sampler: Optional[str] = None, eta: float = 0.0,
                  use_clipped_model_output: Optional[bool] = None,
@@ -389,19 +401,23 @@ class DDPMPipeline:
         """sampler: "ddpm" or "ddim", by default the scheduler's (pipe.scheduler: a
         DDIMScheduler samples DDIM exactly as diffusers' DDIMScheduler.step, with eta and
         use_clipped_model_output as in DDIMPipeline). sampler="ddim" with a DDPMScheduler is
-        ddpm_fast's DDIM extra (schedule.ddim_table). progress: a callable taking the number of
+        ddpm_fast's DDIM extra (schedule.ddim_table). num_inference_steps: by default 1000 for
+        DDPM and 50 for DDIM, as diffusers' DDPMPipeline and DDIMPipeline (default_steps; at most
+        the model's timesteps), the same as the CLI's. progress: a callable taking the number of
         finished steps; without it a tqdm bar is shown as in diffusers
         (set_progress_bar_config(disable=True) hides it)."""
         if batch_size == "auto":
             batch_size = self.max_batch_size()
         batch_size = positive_int(batch_size, "batch_size")
-        num_inference_steps = positive_int(num_inference_steps, "num_inference_steps")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if sampler is None:
             sampler = "ddpm" if self._ddim is None else "ddim"
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if num_inference_steps is None:
+            num_inference_steps = default_steps(sampler, self.schedule.num_timesteps)
+        num_inference_steps = positive_int(num_inference_steps, "num_inference_steps")
         scheduler_ddim = sampler == "ddim" and self._ddim is not None
         if use_clipped_model_output and not scheduler_ddim:
             raise ValueError("use_clipped_model_output is a DDIMScheduler argument: set "

@@ -97,9 +97,9 @@ def run(capsys, *argv):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--seeds", "0-4294967296"], "outside [0, 4294967295]"),
-    (["--seeds", "0-9,3"], "overlaps"),
-    (["--seeds", "x"], "not an integer"),
+    (["--image-ids", "0-4294967296"], "outside [0, 4294967295]"),
+    (["--image-ids", "0-9,3"], "overlaps"),
+    (["--image-ids", "x"], "not an integer"),
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--steps", "1001"], "exceeds the model's 1000"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
@@ -131,8 +131,8 @@ def test_disk_full_during_shard_write(tmp_path, capsys, model_dir, monkeypatch):
 
     monkeypatch.setattr(atomic.os, "fsync", fsync)
     out = tmp_path / "s.npz"
-    code, err = run(capsys, "sample", "--model", model_dir, "--seeds", "0-5", "--shard-size", 2,
-                    "--batch-size", 2, "--steps", 2, "--out", out)
+    code, err = run(capsys, "sample", "--model", model_dir, "--image-ids", "0-5",
+                    "--shard-size", 2, "--batch-size", 2, "--steps", 2, "--out", out)
     last = err.strip().splitlines()[-1]         # (the progress bar shares stderr)
     assert code == 1 and last.startswith("ddpm-fast: error: ") and "No space left" in last
     assert "shard-0000000002-000002.npz" in last
@@ -141,8 +141,8 @@ def test_disk_full_during_shard_write(tmp_path, capsys, model_dir, monkeypatch):
     assert sorted(p.name for p in parts.iterdir()) == [
         "run.json", "shard-0000000000-000002.json", "shard-0000000000-000002.npz"]
     monkeypatch.undo()               # space again: the rerun finishes the other shards
-    code, err = run(capsys, "sample", "--model", model_dir, "--seeds", "0-5", "--shard-size", 2,
-                    "--batch-size", 2, "--steps", 2, "--out", out)
+    code, err = run(capsys, "sample", "--model", model_dir, "--image-ids", "0-5",
+                    "--shard-size", 2, "--batch-size", 2, "--steps", 2, "--out", out)
     assert code == 0, err
 
 

@@ -1,5 +1,7 @@
 """Each subcommand end to end on a small model (few steps), and one-line errors for bad input."""
+import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,6 +19,18 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model")
     save_pretrained(UNet2DModel(DIGITS_CONFIG), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def short_model_dir(tmp_path_factory):
+    """A model whose schedule has 20 timesteps: whole sampling runs in a fraction of a second."""
+    from ddpm_fast.checkpoints import DEFAULT_SCHEDULER
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("short")
+    save_pretrained(UNet2DModel(DIGITS_CONFIG), path,
+                    {**DEFAULT_SCHEDULER, "num_train_timesteps": 20})
     return path
 
 
@@ -39,12 +53,12 @@ def test_sample_png_grid(tmp_path, capsys, model_dir, mode):
 def test_sample_npz_and_folder_same_images(tmp_path, capsys, model_dir):
     # fp32: bit-identical across batch sizes on the CPU (bf16 kernels are picked per batch shape)
     code, _, err = run(capsys, "sample", "--model", model_dir, "--num-images", 5, "--batch-size", 2,
-                       "--steps", 4, "--out", tmp_path / "s.npz", "--dtype", "fp32")
+                       "--steps", 4, "--out", tmp_path / "s.npz", "--precision", "fp32")
     assert code == 0, err
     images = np.load(tmp_path / "s.npz")["arr_0"]
     assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
     code, _, err = run(capsys, "sample", "--model", model_dir, "--num-images", 5, "--batch-size", 5,
-                       "--steps", 4, "--out", tmp_path / "folder", "--dtype", "fp32")
+                       "--steps", 4, "--out", tmp_path / "folder", "--precision", "fp32")
     assert code == 0, err
     files = sorted((tmp_path / "folder").iterdir())
     assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
@@ -59,11 +73,31 @@ def test_sample_ddim(tmp_path, capsys, model_dir):
     assert code == 0, err
 
 
-def test_progressive(tmp_path, capsys, model_dir):
-    code, _, err = run(capsys, "progressive", "--model", model_dir, "--num-images", 2, "--every", 250,
-                       "--out", tmp_path / "p.png", "--scale", 1)
+def test_progressive(tmp_path, capsys, short_model_dir):
+    code, out, err = run(capsys, "progressive", "--model", short_model_dir, "--num-images", 2,
+                         "--every", 5, "--out", tmp_path / "p.png", "--scale", 1)
     assert code == 0, err
-    assert Image.open(tmp_path / "p.png").size[1] == 2 * 10 + 2
+    # 20 steps recorded at steps 0, 5, 10, 15 and the last: 5 columns of x̂0, then 5 of x_t
+    assert Image.open(tmp_path / "p.png").size == (10 * 10 + 2, 2 * 10 + 2)
+    assert "2 samples × 5 times" in out
+
+
+def test_figures_interpolate_keeps_the_ends_and_noise(short_model_dir):
+    from ddpm_fast import figures
+    from ddpm_fast.images import to_uint8
+    from ddpm_fast.pipeline import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(short_model_dir)
+    pair = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    table = figures.interpolate(pipe, pair, t=2, frames=3, seed=0)
+    assert table.shape == (2, 5, 8, 8, 1) and table.dtype == np.uint8
+    assert (table[:, 0] == to_uint8(pair[:1])).all() and (table[:, -1] == to_uint8(pair[1:])).all()
+    # λ = 0 and 1: linear and spherical agree (the same x_t, the same reverse noise); λ = ½ not
+    for col in (1, 3):
+        assert np.abs(table[0, col].astype(int) - table[1, col]).max() <= 1
+    assert not np.array_equal(table[0, 2], table[1, 2])
+    with pytest.raises(ValueError, match=r"timesteps \[20\] lie outside \[0, 20\)"):
+        figures.from_t(pipe, pair, [3, 20])
 
 
 def test_info(capsys):
@@ -72,7 +106,7 @@ def test_info(capsys):
 
 
 def test_train_then_sample(tmp_path, capsys):
-    code, _, err = run(capsys, "train", "--out", tmp_path / "run", "--steps", 3,
+    code, _, err = run(capsys, "train", "--out", tmp_path / "run", "--train-steps", 3,
                        "--batch-size", 4, "--checkpoint-every", 2, "--device", "cpu")
     assert code == 0, err
     assert (tmp_path / "run" / "pipeline" / "unet" / "config.json").is_file()
@@ -88,7 +122,7 @@ def test_train_on_image_folder_bf16(tmp_path, capsys):
         im = Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8))
         im.save(tmp_path / "imgs" / ("sub" if i % 2 else "") / f"{i}.{'jpg' if i % 3 else 'png'}")
     code, _, err = run(capsys, "train", "--data", tmp_path / "imgs", "--image-size", 16,
-                       "--preset", "tiny", "--precision", "bf16", "--hflip", "--steps", 2,
+                       "--preset", "tiny", "--precision", "bf16", "--hflip", "--train-steps", 2,
                        "--batch-size", 2, "--out", tmp_path / "run", "--device", "cpu")
     assert code == 0, err
     config = json.loads((tmp_path / "run" / "pipeline" / "unet" / "config.json").read_text())
@@ -101,7 +135,7 @@ def test_convert_original_checkpoint_then_sample(tmp_path, capsys):
     torch.manual_seed(0)
     torch.save(Model(ch=32, ch_mult=(1, 2), in_ch=1).state_dict(), tmp_path / "orig.ckpt")
     code, out, err = run(capsys, "convert", tmp_path / "orig.ckpt", "--sample-size", 8,
-                         "--out", tmp_path / "conv", "--dtype", "fp16")
+                         "--out", tmp_path / "conv", "--weights-dtype", "fp16")
     assert code == 0, err
     assert "fixed_large" in out
     assert (tmp_path / "conv" / "model_index.json").is_file()
@@ -121,6 +155,7 @@ def test_convert_original_checkpoint_then_sample(tmp_path, capsys):
     (["sample", "--steps", "5000", "--out", "{tmp}/a.png"], "exceeds"),
     (["sample", "--device", "cuda:0", "--out", "{tmp}/a.png"], None),
     (["train", "--data", "{tmp}/missing.npz", "--out", "{tmp}/r"], "not 'digits'"),
+    (["from-t", "--data", "{tmp}/missing.npz", "--out", "{tmp}/a.png"], "--data: "),
     (["train", "--data", "{tmp}", "--out", "{tmp}/r"], "no images"),
     (["convert", "{tmp}/missing.ckpt", "--out", "{tmp}/c"], "does not exist"),
 ])
@@ -182,12 +217,13 @@ def test_from_t_and_interpolate(tmp_path, capsys):
                        "--scale", 1)
     assert code == 0, err
     assert Image.open(tmp_path / "f.png").size == (3 * 10 + 2, 2 * 10 + 2)
-    code, _, err = run(capsys, "interpolate", "--t", 10, "--steps", 3, "--out",
+    code, _, err = run(capsys, "interpolate", "--t", 10, "--frames", 3, "--out",
                        tmp_path / "i.png", "--scale", 1)
     assert code == 0, err
     assert Image.open(tmp_path / "i.png").size == (5 * 10 + 2, 2 * 10 + 2)
     code, _, err = run(capsys, "from-t", "--t", 5000, "--out", tmp_path / "g.png")
-    assert code == 2 and "--t values must lie" in err and not (tmp_path / "g.png").exists()
+    assert code == 2 and "--t: timesteps [5000] lie outside [0, 1000)" in err
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_slerp_endpoints():
@@ -214,8 +250,8 @@ def test_missing_gpu_index_is_named(monkeypatch):
 def test_no_autotune_reaches_the_fast_runner(tmp_path, capsys, model_dir):
     import argparse
 
-    args = argparse.Namespace(model=str(model_dir), mode="fast", dtype="auto", no_autotune=True)
-    assert cli.load_pipeline(args, torch.device("cpu")).runner.autotune_convs is False
+    args = argparse.Namespace(model=str(model_dir), precision="auto", no_autotune=True)
+    assert cli.load_pipeline(args, torch.device("cpu"), "fast").runner.autotune_convs is False
     code, _, err = run(capsys, "sample", "--model", model_dir, "--num-images", 2, "--steps", 2,
                        "--no-autotune", "--out", tmp_path / "a.png")
     assert code == 0, err
@@ -312,26 +348,102 @@ def test_readme_torchrun_lines_pass_every_flag_through_torchrun():
         assert parsed.command in ("sample", "train")
 
 
-def test_every_sample_flag_passes_through_torchrun():
+def _subcommands() -> dict:
+    return cli.build_parser()._subparsers._group_actions[0].choices
+
+
+def _flags(parser, hidden: bool = False) -> list[str]:
+    """The long options of a subcommand: those --help shows, or the hidden old spellings."""
+    return [o for a in parser._actions for o in a.option_strings
+            if o.startswith("--") and (a.help == argparse.SUPPRESS) == hidden]
+
+
+def test_every_flag_passes_through_torchrun():
+    # torchrun's parser takes any abbreviation of its own options as one (--num: --numa-binding)
     from torch.distributed.run import get_args_parser
 
-    flags = [o for a in cli.build_parser()._subparsers._group_actions[0].choices["sample"]._actions
-             for o in a.option_strings if a.help != "==SUPPRESS==" and o.startswith("--")]
-    assert "--num-images" in flags and "--num" not in flags
-    for flag in flags:
-        argv = ["--standalone", "--nproc-per-node", "2", "-m", "ddpm_fast.cli", "sample", flag, "1"]
-        assert get_args_parser().parse_args(argv).training_script_args == ["sample", flag, "1"]
+    assert "--num-images" in _flags(_subcommands()["sample"])
+    for name, parser in _subcommands().items():
+        for flag in _flags(parser) + [f for f in _flags(parser, hidden=True) if f != "--num"]:
+            argv = ["--standalone", "--nproc-per-node", "2", "-m", "ddpm_fast.cli", name, flag, "1"]
+            script_args = get_args_parser().parse_args(argv).training_script_args
+            assert script_args == [name, flag, "1"], (name, flag)
 
 
-def test_old_count_spellings_still_work_with_a_notice(capsys):
-    args = cli.build_parser().parse_args(["sample", "--num", "3", "--out", "x.png"])
-    assert args.num == 3
-    assert capsys.readouterr().err == "ddpm-fast: note: --num is deprecated, use --num-images\n"
-    args = cli.build_parser().parse_args(["eval", "--num", "5", "--samples", "7"])
-    assert (args.num, args.samples) == (5, 7)
-    assert capsys.readouterr().err.splitlines() == [
-        "ddpm-fast: note: --num is deprecated, use --num-data",
-        "ddpm-fast: note: --samples is deprecated, use --num-images"]
+# old spelling → new: the same attribute, one notice line on stderr (issue 15)
+OLD_SPELLINGS = [
+    (["sample", "--seeds", "0-9", "--out", "x.png"], "--seeds", "--image-ids", "image_ids", "0-9"),
+    (["sample", "--dtype", "fp32", "--out", "x.png"], "--dtype", "--precision", "precision",
+     "fp32"),
+    (["sample", "--num", "3", "--out", "x.png"], "--num", "--num-images", "num", 3),
+    (["progressive", "--num", "3", "--out", "p.png"], "--num", "--num-images", "num", 3),
+    (["train", "--steps", "5", "--out", "r"], "--steps", "--train-steps", "train_steps", 5),
+    (["interpolate", "--steps", "9", "--out", "i.png"], "--steps", "--frames", "frames", 9),
+    (["interpolate", "--images", "a.npz", "--out", "i.png"], "--images", "--data", "data", "a.npz"),
+    (["from-t", "--images", "a.npz", "--out", "f.png"], "--images", "--data", "data", "a.npz"),
+    (["convert", "src", "--dtype", "fp16", "--out", "c"], "--dtype", "--weights-dtype",
+     "weights_dtype", "fp16"),
+    (["eval", "--num", "5"], "--num", "--num-data", "num_data", 5),
+    (["eval", "--samples", "7"], "--samples", "--num-images", "num_images", 7),
+]
+
+
+@pytest.mark.parametrize("argv, old, new, attribute, value", OLD_SPELLINGS)
+def test_old_spellings_still_work_with_a_one_line_notice(capsys, argv, old, new, attribute,
+                                                         value):
+    args = cli.build_parser().parse_args(argv)
+    assert capsys.readouterr().err == f"ddpm-fast: note: {old} is deprecated, use {new}\n"
+    renamed = cli.build_parser().parse_args([new if a == old else a for a in argv])
+    assert getattr(args, attribute) == getattr(renamed, attribute) == value
+    assert capsys.readouterr().err == ""
+    parser = _subcommands()[argv[0]]
+    assert old in _flags(parser, hidden=True) and old not in _flags(parser)   # not in --help
+
+
+def test_old_spelling_is_checked_as_the_new_one(capsys):
+    code, _, err = run(capsys, "interpolate", "--steps", "0", "--out", "never.png")
+    assert code == 2 and err.strip().splitlines() == [
+        "ddpm-fast: error: argument --steps: --frames must be a positive integer, got 0"]
+    code, _, err = run(capsys, "interpolate", "--frames", "1", "--out", "never.png")
+    assert code == 2 and "--frames must be at least 2" in err
+    code, _, err = run(capsys, "sample", "--dtype", "fp64", "--out", "never.png")
+    assert code == 2 and "invalid choice: 'fp64'" in err
+
+
+@pytest.mark.parametrize("command", ["progressive", "from-t", "interpolate", "eval"])
+def test_reference_mode_commands_say_so_in_help(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    text = " ".join(out.split())                        # the description is wrapped
+    assert code == 0 and "Runs in reference mode" in text and not re.search(r"--mode\b", out)
+
+
+def test_default_steps_are_the_same_in_the_api_and_the_cli(tmp_path, capsys, model_dir,
+                                                            short_model_dir):
+    from ddpm_fast.pipeline import DEFAULT_STEPS, DDPMPipeline
+
+    assert DEFAULT_STEPS == {"ddpm": 1000, "ddim": 50}        # diffusers' two pipelines
+    for model, sampler, want in ((model_dir, "ddim", 50), (short_model_dir, "ddpm", 20),
+                                 (short_model_dir, "ddim", 20)):   # capped at the timesteps
+        pipe = DDPMPipeline.from_pretrained(model)
+        steps = []
+        pipe(batch_size=1, seed=0, sampler=sampler, output_type="pt", progress=steps.append)
+        assert sum(steps) == want, (model, sampler)
+        out = tmp_path / f"{sampler}{want}.npz"
+        code, _, err = run(capsys, "sample", "--model", model, "--sampler", sampler,
+                           "--num-images", 1, "--mode", "reference", "--out", out)
+        assert code == 0, err
+        assert int(np.load(out)["steps"]) == want, (model, sampler)
+
+
+def test_bench_results_file_names_are_plain():
+    import datetime
+
+    from ddpm_fast.bench import results_name, slug
+
+    assert slug("x86_64 (2 cores)") == "x86_64_2_cores"
+    assert slug("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+    assert (results_name("AMD EPYC 9654 96-Core / (2 cores)", datetime.date(2026, 11, 26))
+            == "sample_throughput_AMD_EPYC_9654_96-Core_2_cores_2026-11-26.json")
 
 
 def test_sharded_run_refuses_an_edited_scheduler_config(tmp_path, capsys, model_dir):
@@ -339,8 +451,8 @@ def test_sharded_run_refuses_an_edited_scheduler_config(tmp_path, capsys, model_
 
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
-    argv = ["sample", "--model", model, "--seeds", "0-1", "--steps", 2, "--batch-size", 2,
-            "--dtype", "fp32", "--out", tmp_path / "s.npz"]
+    argv = ["sample", "--model", model, "--image-ids", "0-1", "--steps", 2, "--batch-size", 2,
+            "--precision", "fp32", "--out", tmp_path / "s.npz"]
     code, _, err = run(capsys, *argv)
     assert code == 0, err
     run_json = json.loads((tmp_path / "s.npz.parts" / "run.json").read_text())

@@ -209,7 +209,8 @@ def test_thresholding_refuses_clip():
 
 def test_bits_per_dim_and_training_refuse_other_prediction_types():
     # both are written for ε-prediction: a v-prediction schedule must not be used silently
-    from ddpm_fast.training import TrainConfig, bits_per_dim, train
+    from ddpm_fast.likelihood import bits_per_dim
+    from ddpm_fast.training import TrainConfig, train
 
     s = Schedule.from_scheduler_config({"prediction_type": "v_prediction"})
     with pytest.raises(ValueError, match="v_prediction"):

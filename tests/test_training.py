@@ -112,8 +112,8 @@ def test_bad_data_shape():
 def test_bits_per_dim_of_shipped_model_beats_untrained():
     from ddpm_fast.checkpoints import load_unet
     from ddpm_fast.cli import default_model_path
+    from ddpm_fast.likelihood import bits_per_dim
     from ddpm_fast.schedule import Schedule
-    from ddpm_fast.training import bits_per_dim
 
     x = digits_dataset(8, "test")[:32]                   # held out from the shipped model
     x = ((x + 1) * 127.5).round() / 127.5 - 1            # 8-bit data for the discretised decoder
@@ -153,7 +153,7 @@ def _original_discretized_ll(x, means, log_scales):
 def test_decoder_uses_the_original_tanh_cdf_and_exact_is_an_option():
     import math
 
-    from ddpm_fast.training import (_discretized_gaussian_log_likelihood,
+    from ddpm_fast.likelihood import (_discretized_gaussian_log_likelihood,
                                     approx_standard_normal_cdf, standard_normal_cdf)
 
     v = torch.linspace(-6, 6, 241, dtype=torch.float64)
@@ -177,8 +177,8 @@ def test_decoder_uses_the_original_tanh_cdf_and_exact_is_an_option():
     assert not torch.allclose(erf, ours, rtol=0, atol=1e-6)
 
     # the bits/dim keyword switches the decoder term only (same noise, same KL terms)
+    from ddpm_fast.likelihood import bits_per_dim
     from ddpm_fast.schedule import Schedule
-    from ddpm_fast.training import bits_per_dim
 
     torch.manual_seed(0)
     model, s = _model().eval(), Schedule.linear()
@@ -297,7 +297,7 @@ def test_cli_train_pipeline_folder_has_the_trained_schedule(tmp_path):
     from ddpm_fast.checkpoints import DEFAULT_SCHEDULER
     from ddpm_fast.schedule import Schedule, check_scheduler_config
 
-    assert cli.main(["train", "--steps", "1", "--batch-size", "2", "--preset", "tiny",
+    assert cli.main(["train", "--train-steps", "1", "--batch-size", "2", "--preset", "tiny",
                      "--out", str(tmp_path / "r"), "--device", "cpu"]) == 0
     written = json.loads((tmp_path / "r" / "pipeline" / "scheduler" / "scheduler_config.json")
                          .read_text())
