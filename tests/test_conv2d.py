@@ -438,3 +438,26 @@ def test_cifar_conv_unet_kernel_count(monkeypatch):
     with torch.no_grad(), use_backend("triton"):
         unet(torch.zeros(1, 3, 32, 32), torch.tensor([10]))
     assert (len(launches), len(finalizers), len(attentions)) == (64, 0, 6)
+
+
+def test_tile_autotune_times_each_candidate_once(monkeypatch):
+    """DDPM_FAST_CONV_AUTOTUNE: the candidates start with the heuristic's tile and fit the map;
+    the fastest is kept per layer key and not timed again."""
+    import triton.testing
+
+    from ddpm_fast.kernels.triton import conv2d as triton_conv
+
+    cands = triton_conv.tile_candidates(1, 16, 256, 256, torch.bfloat16)
+    assert cands[0] == triton_conv.tile_config(1, 16, 256, 256, torch.bfloat16, False)
+    assert len(set(cands)) == len(cands) and all(bm <= 32 for bm, *_ in cands)
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn())
+    monkeypatch.setattr(triton_conv, "_TUNED", {})
+    times = {cfg: 3.0 - i / len(cands) for i, cfg in enumerate(cands)}     # the last is fastest
+
+    def launch(cfg):
+        timed.append(cfg)
+        return times[cfg]
+    assert triton_conv._tuned("layer", cands, launch) == cands[-1]
+    assert triton_conv._tuned("layer", cands, launch) == cands[-1]
+    assert timed == cands

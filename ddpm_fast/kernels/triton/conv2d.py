@@ -399,6 +399,39 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def autotune_enabled() -> bool:
+    """DDPM_FAST_CONV_AUTOTUNE=1: time the candidate tiles of each new layer shape once (at the
+    fast runner's eager warm-up, never inside CUDA-graph capture) instead of the heuristic."""
+    return os.environ.get("DDPM_FAST_CONV_AUTOTUNE") == "1" and not INTERPRET
+
+
+def tile_candidates(batch: int, pixels: int, cout: int, cin: int, dtype: torch.dtype):
+    """The heuristic's choice first, then every GPU tile that fits the map (each a compile of its
+    own, a few seconds: hence opt-in)."""
+    first = tile_config(batch, pixels, cout, cin, dtype, False)
+    out = [first]
+    for bm, bn in GPU_TILES:
+        bm = min(bm, max(32, triton.next_power_of_2(pixels)))
+        bn = min(bn, max(16, triton.next_power_of_2(cout)))
+        cfg = (bm, bn, first[2], 8 if bm * bn >= 128 * 128 else 4, 3)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+_TUNED: dict = {}
+
+
+def _tuned(key, candidates, launch):
+    """The fastest candidate for `key` (timed once per process, then cached)."""
+    if key not in _TUNED:
+        from triton.testing import do_bench
+
+        times = [do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20) for cfg in candidates]
+        _TUNED[key] = candidates[min(range(len(times)), key=times.__getitem__)]
+    return _TUNED[key]
+
+
 def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, silu, temb,
            residual, shortcut, return_stats, group_norm=None, stats_groups=0, stats_cat=None):
     """Launch into y [N, Cout, Ho, Wo]; returns the stats [N, tiles, Cout, 3] (or None) and,
@@ -414,14 +447,7 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
     sc_x, sc_skip, sc_w, sc_b = shortcut if shortcut is not None else (None,) * 4
     cscx = 0 if sc_x is None else sc_x.shape[1]
     cscs = 0 if sc_skip is None else sc_skip.shape[1]
-    bm, bn, bk, warps, stages = tile_config(n, ho * wo, cout, max(cx, cs, cscx, cscs),
-                                            x.dtype, INTERPRET or x.device.type == "cpu")
-    tiles_m = triton.cdiv(ho * wo, bm)
     return_stats = return_stats or stats_groups > 0
-    stats = (torch.empty(n, tiles_m, cout, 3, dtype=torch.float32, device=x.device)
-             if return_stats else None)
-    groups = (torch.empty(n, stats_groups, 3, dtype=torch.float32, device=x.device)
-              if stats_groups else None)
     if scale is not None:
         scale, shift = scale.contiguous(), shift.contiguous()
     dummy = weight       # any valid pointer for arguments a constexpr switches off
@@ -438,34 +464,52 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
     if stats_cat is not None:
         stats_cat = stats_cat.contiguous()
     cpg_out = (cout + c_cat) // stats_groups if stats_groups else 1
-    grid = (tiles_m, triton.cdiv(cout, bn), n)
-    _conv2d_kernel[grid](
-        x, skip if skip is not None else dummy, weight,
-        bias if bias is not None else dummy,
-        scale if scale is not None else dummy, shift if shift is not None else dummy,
-        temb if temb is not None else dummy, residual if residual is not None else dummy,
-        sc_x if sc_x is not None else dummy, sc_skip if sc_skip is not None else dummy,
-        sc_w2 if sc_w2 is not None else dummy, sc_b if sc_b is not None else dummy,
-        y, stats if stats is not None else dummy,
-        gin if gin is not None else dummy, gamma if gamma is not None else dummy,
-        beta if beta is not None else dummy, groups if groups is not None else dummy,
-        stats_cat if stats_cat is not None else dummy,
-        _tickets(x.device, n) if stats_groups else dummy,
-        cx, cs, h, w, cout, ho, wo, cscx, cscs, pad[2], pad[0],
-        groups_in, float(eps_in), max(stats_groups, 1), t_cat, c_cat,
-        *x.stride(), *_strides(skip), *weight.stride(),
-        *temb_strides, *_strides(residual),
-        *_strides(sc_x), *_strides(sc_skip), *_strides(sc_w2, 2),
-        *y.stride(),
+    flags = dict(
         KH=kh, KW=kw, STRIDE=stride, UPSAMPLE=upsample, HAS_SKIP=skip is not None,
         HAS_NORM=scale is not None, SILU=silu, HAS_BIAS=bias is not None,
         HAS_TEMB=temb is not None, HAS_RES=residual is not None, HAS_SC=sc_w is not None,
         SC_HAS_SKIP=sc_skip is not None, SC_HAS_BIAS=sc_b is not None, STATS=return_stats,
         NORM_FROM_GROUPS=group_norm is not None, GROUP_STATS=stats_groups > 0,
         GROUP_STATS_CAT=stats_cat is not None,
-        CPG_OUT=max(2, triton.next_power_of_2(cpg_out)),
-        BLOCK_T=min(64, triton.next_power_of_2(max(tiles_m, t_cat))),
-        IEEE=x.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-        **_pdl_options())
-    return stats, groups
+        CPG_OUT=max(2, triton.next_power_of_2(cpg_out)), IEEE=x.dtype == torch.float32)
+    groups = (torch.empty(n, stats_groups, 3, dtype=torch.float32, device=x.device)
+              if stats_groups else None)
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        tiles_m = triton.cdiv(ho * wo, bm)
+        stats = (torch.empty(n, tiles_m, cout, 3, dtype=torch.float32, device=x.device)
+                 if return_stats else None)
+        _conv2d_kernel[(tiles_m, triton.cdiv(cout, bn), n)](
+            x, skip if skip is not None else dummy, weight,
+            bias if bias is not None else dummy,
+            scale if scale is not None else dummy, shift if shift is not None else dummy,
+            temb if temb is not None else dummy, residual if residual is not None else dummy,
+            sc_x if sc_x is not None else dummy, sc_skip if sc_skip is not None else dummy,
+            sc_w2 if sc_w2 is not None else dummy, sc_b if sc_b is not None else dummy,
+            y, stats if stats is not None else dummy,
+            gin if gin is not None else dummy, gamma if gamma is not None else dummy,
+            beta if beta is not None else dummy, groups if groups is not None else dummy,
+            stats_cat if stats_cat is not None else dummy,
+            _tickets(x.device, n) if stats_groups else dummy,
+            cx, cs, h, w, cout, ho, wo, cscx, cscs, pad[2], pad[0],
+            groups_in, float(eps_in), max(stats_groups, 1), t_cat, c_cat,
+            *x.stride(), *_strides(skip), *weight.stride(),
+            *temb_strides, *_strides(residual),
+            *_strides(sc_x), *_strides(sc_skip), *_strides(sc_w2, 2),
+            *y.stride(),
+            **flags, BLOCK_T=min(64, triton.next_power_of_2(max(tiles_m, t_cat))),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            **_pdl_options())
+        return stats
+
+    cin = max(cx, cs, cscx, cscs)
+    cfg = tile_config(n, ho * wo, cout, cin, x.dtype, INTERPRET or x.device.type == "cpu")
+    if autotune_enabled() and x.device.type == "cuda":
+        key = (n, cx, cs, h, w, cout, kh, stride, cscx, cscs, x.dtype,
+               tuple(sorted(flags.items())))
+        if torch.cuda.is_current_stream_capturing():   # what the warm-up tuned, or the heuristic
+            cfg = _TUNED.get(key, cfg)
+        else:
+            cfg = _tuned(key, tile_candidates(n, ho * wo, cout, cin, x.dtype), launch)
+    return launch(cfg), groups
