@@ -344,11 +344,15 @@ class FastRunner:
         return state["x"].clone()
 
     def benchmark_step_fn(self, coef: torch.Tensor, timesteps: Sequence[int], batch: int,
-                          clip: bool = True):
-        """A callable running one step per call (for benchmarks/sample_throughput.py)."""
+                          clip: bool = True, *, threshold: Optional[tuple] = None,
+                          variance: Optional[str] = None):
+        """A callable running one step per call (for benchmarks/sample_throughput.py);
+        threshold and variance as in sample."""
+        rule = (None if threshold is None else tuple(threshold),
+                variance if variance in LEARNED_VARIANCES else None)
         with cudnn_benchmark(self.autotune_convs):
             state, run = self._prepare(coef, timesteps, batch, key_tensor(0, 0, self.device),
-                                       clip)
+                                       clip, rule)
         state["x"].normal_()
         n = len(timesteps)
 

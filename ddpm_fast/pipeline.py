@@ -482,11 +482,14 @@ class DDPMPipeline:
         """One sampler step per call, for benchmarks/sample_throughput.py."""
         timesteps = self.schedule.timesteps(None)
         table = self.schedule.step_table(timesteps, self.variance, self.device)
+        rule = dict(threshold=self.schedule.threshold, variance=self.variance)
         if self.mode == "fast":
-            return self.runner.benchmark_step_fn(table, timesteps, batch, self.clip)
-        from .ops.ddpm_step import ddpm_step
+            return self.runner.benchmark_step_fn(table, timesteps, batch, self.clip, **rule)
+        from .ops.ddpm_step import ddpm_step, ddpm_step_general
         from .ops.philox import key_tensor
+        from .schedule import LEARNED_VARIANCES
 
+        fused = self.schedule.threshold is None and self.variance not in LEARNED_VARIANCES
         c = self.unet.config
         state = {"x": torch.randn(batch, c.in_channels, c.sample_size, c.sample_size,
                                   device=self.device)}
@@ -498,7 +501,12 @@ class DDPMPipeline:
             with torch.no_grad():
                 eps = self._model()(state["x"], torch.tensor(timesteps[i], device=self.device))
                 noise = torch.randn_like(state["x"])
-                state["x"] = ddpm_step(state["x"], eps, table, steps[i:i + 1], key, noise, self.clip)
+                # the reference loop's step: the fused op, or the torch step for thresholding
+                # and learned variances
+                state["x"] = (ddpm_step(state["x"], eps, table, steps[i:i + 1], key, noise,
+                                        self.clip) if fused else
+                              ddpm_step_general(state["x"], eps, table, steps[i:i + 1], key,
+                                                noise, self.clip, **rule))
 
         return step
 

@@ -333,3 +333,13 @@ def test_fast_thresholding_images_independent_of_batch(tmp_path, tiny_unet):
     big = fast(batch_size=3, **kw).images
     one = fast(batch_size=1, first_image=2, **kw).images
     assert (big[2:3] - one).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["reference", "fast"])
+def test_benchmark_step_takes_the_torch_step_for_learned_variances(learned_unet, mode):
+    pipe = ddpm_fast.DDPMPipeline(UNet2DModel(dict(learned_unet.config)),
+                                  {"variance_type": "learned_range", "thresholding": True},
+                                  mode=mode, dtype=torch.float32)
+    step = pipe.benchmark_step_fn(2)
+    for i in range(2):        # the fused kernel would refuse the 6-channel output
+        step(i)
