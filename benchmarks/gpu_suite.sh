@@ -10,8 +10,10 @@
 #   profile    where the fast step's time goes
 #   conv       the fused-conv path alone (issue 13): its CUDA tests, compute-sanitizer on its
 #              kernel (bf16, batch 3), conv2d_layers.py per layer kind, and CIFAR-10 throughput of
-#              compile / fast / fast-conv / fast-conv-pdl at batch 1, 64, 256 (about 7 minutes
-#              after a build)
+#              compile / fast-inductor / fast-conv / fast-conv-pdl at batch 1, 64, 256 (about 7
+#              minutes after a build)
+#   conv-more  the next questions once conv has run: per-layer tile autotuning (fast-conv-tuned)
+#              and Inductor's own PDL (fast-inductor-pdl) beside fast-conv, batch 1 and 256
 #
 #   OUT=/tmp/out ARCHS=90 bash benchmarks/gpu_suite.sh build conv               # a short window
 #
@@ -32,7 +34,7 @@ ARCHS=${ARCHS:-90}
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests memcheck kernels cifar10 256 profile)
 for stage in "${STAGES[@]}"; do       # a misspelt stage fails before a long build, not after
-    case "$stage" in build|tests|memcheck|kernels|cifar10|256|profile|conv) ;;
+    case "$stage" in build|tests|memcheck|kernels|cifar10|256|profile|conv|conv-more) ;;
     *) echo "unknown stage $stage"; exit 2 ;; esac
 done
 export PYTHONUNBUFFERED=1
@@ -101,9 +103,9 @@ for stage in "${STAGES[@]}"; do
         python3 benchmarks/conv2d_layers.py --device cuda --batch 1 64 256 \
             > "$OUT/conv2d_layers.log" 2>&1 || status=1
         tail -45 "$OUT/conv2d_layers.log"
-        step "sample throughput: compile / fast (Inductor) / fast-conv (PDL off, on)"
+        step "sample throughput: compile / fast-inductor / fast-conv (PDL off, on)"
         python3 benchmarks/sample_throughput.py --device cuda --config cifar10 --batch 1 64 256 \
-            --providers compile fast fast-conv fast-conv-pdl \
+            --providers compile fast-inductor fast-conv fast-conv-pdl \
             --out "benchmarks/results/sample_throughput_conv_$(date +%F).json" \
             > "$OUT/throughput_conv.log" 2>&1 || status=1
         tail -15 "$OUT/throughput_conv.log"
@@ -111,6 +113,14 @@ for stage in "${STAGES[@]}"; do
         python3 benchmarks/profile_step.py --device cuda --kernels conv --batch 1 256 --steps 5 \
             > "$OUT/profile_conv.log" 2>&1 || status=1
         tail -25 "$OUT/profile_conv.log"
+        ;;
+    conv-more)
+        step "sample throughput: fast-conv against its tuned-tile and Inductor-PDL neighbours"
+        python3 benchmarks/sample_throughput.py --device cuda --config cifar10 --batch 1 256 \
+            --providers fast-inductor fast-inductor-pdl fast-conv fast-conv-tuned \
+            --out "benchmarks/results/sample_throughput_conv_more_$(date +%F).json" \
+            > "$OUT/throughput_conv_more.log" 2>&1 || status=1
+        tail -12 "$OUT/throughput_conv_more.log"
         ;;
     profile)
         step "profile of the fast step"

@@ -9,9 +9,11 @@ Providers (each skipped with a note when it cannot run here):
   fast       ddpm_fast fast mode
   fast-eager ddpm_fast fast mode without torch.compile of the U-Net (eager bf16 inside our graph)
   fast-heuristic  fast mode with cuDNN's heuristic algorithm choice instead of benchmark mode
+  fast-inductor  fast mode with kernels="inductor": the U-Net under torch.compile, cuDNN
+             convolutions (today's CUDA default, so "fast" there); -pdl: with Inductor's PDL
   fast-conv  fast mode with kernels="conv": every convolution the fused conv2d op (Triton),
-             norm and adds folded in; today's default ("fast") is the Inductor path
-  fast-conv-pdl  fast-conv with programmatic dependent launch (DDPM_FAST_PDL=1)
+             norm and adds folded in; -pdl: with programmatic dependent launch
+             (DDPM_FAST_PDL=1); -tuned: tiles timed per layer (DDPM_FAST_CONV_AUTOTUNE=1)
 
 Every provider runs the same weights. A "step" is one U-Net forward plus one sampler update; per-step
 latency is the median over timed steps after warm-up, and images/s for a full 1000-step sample is
@@ -27,6 +29,7 @@ entry point in a source checkout, which writes into benchmarks/results/ by defau
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -292,36 +295,60 @@ def provider_ours(mode, compile=None, autotune_convs=None, kernels=None):
     return build
 
 
-def provider_pdl(build_steps):
-    """A provider with DDPM_FAST_PDL=1 while it builds and captures (the launches its CUDA graph
-    records carry programmatic dependent launch), restored for the providers after it."""
+def provider_switched(build_steps, switch):
+    """A provider built and captured (its first call) inside `switch`, a context manager that
+    turns a setting on; restored for the providers after it."""
     def build(unet, batch, device, args):
-        saved = os.environ.get("DDPM_FAST_PDL")
-        os.environ["DDPM_FAST_PDL"] = "1"
-        try:
+        with switch():
             step = build_steps(unet, batch, device, args)
-            step(0)                       # capture now, while the switch is on
-        finally:
-            if saved is None:
-                os.environ.pop("DDPM_FAST_PDL")
-            else:
-                os.environ["DDPM_FAST_PDL"] = saved
+            step(0)                       # compile and capture now, while the switch is on
         return step
 
     return build
+
+
+@contextlib.contextmanager
+def env_switch(name: str):
+    saved = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = saved
+
+
+@contextlib.contextmanager
+def inductor_pdl():
+    """Inductor's own programmatic dependent launch (torch._inductor.config.triton.enable_pdl)."""
+    import torch._inductor.config as inductor
+
+    if not hasattr(inductor.triton, "enable_pdl"):
+        raise RuntimeError(f"torch {torch.__version__}'s Inductor has no PDL switch")
+    with inductor.patch({"triton.enable_pdl": True}):
+        yield
 
 
 PROVIDERS = {
     "diffusers": provider_diffusers,
     "compile": provider_compile,
     "reference": provider_ours("reference"),
-    "fast": provider_ours("fast"),                         # default: compiled U-Net on CUDA
+    "fast": provider_ours("fast"),                  # the kernel table's default for the device
     "fast-eager": provider_ours("fast", compile=False),   # eager U-Net inside our graph
     # cuDNN's heuristic algorithm choice instead of its benchmark mode (fast mode's default)
     "fast-heuristic": provider_ours("fast", autotune_convs=False),
+    # Inductor + cuDNN U-Net (today's CUDA default), with and without Inductor's PDL
+    "fast-inductor": provider_ours("fast", kernels="inductor"),
+    "fast-inductor-pdl": provider_switched(provider_ours("fast", kernels="inductor"),
+                                           inductor_pdl),
     # every convolution our fused conv2d (norm in, adds and statistics out), no Inductor
     "fast-conv": provider_ours("fast", kernels="conv"),
-    "fast-conv-pdl": provider_pdl(provider_ours("fast", kernels="conv")),
+    "fast-conv-pdl": provider_switched(provider_ours("fast", kernels="conv"),
+                                       lambda: env_switch("DDPM_FAST_PDL")),
+    "fast-conv-tuned": provider_switched(provider_ours("fast", kernels="conv"),
+                                         lambda: env_switch("DDPM_FAST_CONV_AUTOTUNE")),
 }
 
 
@@ -424,7 +451,8 @@ def main(argv=None, results_dir: Path | None = None, prog: str = "ddpm-fast benc
     if args.providers is None:
         args.providers = [p for p in PROVIDERS                # the CUDA-only settings
                           if device.type == "cuda" or not p.startswith(("fast-heuristic",
-                                                                         "fast-conv"))]
+                                                                         "fast-conv",
+                                                                         "fast-inductor-"))]
     if args.steps is None:
         args.steps = 30 if device.type == "cuda" else 10
     if any(b <= 0 for b in args.batch) or args.steps <= 0:
