@@ -316,17 +316,11 @@ def progress_bar(total_steps: int, images: int, desc: str):
     return bar, update
 
 
-def _positive(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def pipeline_call(pipe, seed: int, num_inference_steps: Optional[int], sampler: Optional[str],
                   eta: float, variance: Optional[str], clip: Optional[bool]) -> dict:
     """The pipeline call's sampling arguments, checked before any work (ValueError naming the bad
-    one), with the defaults resolved: the scheduler's sampler; every timestep for ddpm, 50 for
-    ddim."""
+    one), with the defaults resolved: the scheduler's sampler; pipeline.default_steps."""
+    from .pipeline import default_steps, positive_int
     from .schedule import VARIANCE_TYPES
     from .schedulers import read_scheduler
 
@@ -336,8 +330,8 @@ def pipeline_call(pipe, seed: int, num_inference_steps: Optional[int], sampler: 
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
     total = pipe.schedule.num_timesteps
-    steps = num_inference_steps or (50 if sampler == "ddim" else total)
-    if _positive(steps, "num_inference_steps") > total:
+    steps = num_inference_steps or default_steps(sampler, total)
+    if positive_int(steps, "num_inference_steps") > total:
         raise ValueError(f"num_inference_steps {steps} exceeds the model's {total} timesteps")
     if variance is not None and variance not in VARIANCE_TYPES:
         raise ValueError(f"variance must be one of {VARIANCE_TYPES}, got {variance!r}")
@@ -400,6 +394,7 @@ def sample_to_file(pipe, seeds: Union[str, Iterable[int]], out, *, batch_size: U
     Bad arguments raise ValueError (an existing `out`, FileExistsError) before any work; `out`
     appears whole or not at all."""
     from .images import check_output, save_samples, unit_to_uint8
+    from .pipeline import positive_int
 
     seeds, out = check_seeds(seeds), Path(out)
     parts = out.with_name(out.name + ".parts")
@@ -409,7 +404,8 @@ def sample_to_file(pipe, seeds: Union[str, Iterable[int]], out, *, batch_size: U
                          "share the work through the shards (resumable=True)")
     if batch_size == "auto":
         batch_size = pipe.max_batch_size()
-    batch_size, shard_size = _positive(batch_size, "batch_size"), _positive(shard_size, "shard_size")
+    batch_size = positive_int(batch_size, "batch_size")
+    shard_size = positive_int(shard_size, "shard_size")
     call = pipeline_call(pipe, seed, num_inference_steps, sampler, eta, variance, clip)
 
     store, work = None, [seeds]
