@@ -39,7 +39,7 @@ def main():
     args = p.parse_args()
     if args.kill_after:
         die_after(args.kill_after)
-    # as `ddpm-fast sample --mode fast --dtype fp32 --device cpu` loads it
+    # as `ddpm-fast sample --mode fast --precision fp32 --device cpu` loads it
     pipe = DDPMPipeline.from_pretrained(args.model, mode="fast", device="cpu", dtype=torch.float32)
     sample_to_file(pipe, args.seeds, args.out, batch_size=args.batch_size,
                    shard_size=args.shard_size, num_inference_steps=args.steps, progress=False)

@@ -228,7 +228,7 @@ def test_killed_rank_of_two_then_resumed_by_the_library_and_by_the_cli(
     assert not [p for p in parts.iterdir() if p.name.endswith(".tmp")]   # the kill's, dropped
     # the CLI's pipeline has the same identity: it resumes (nothing left) and merges again
     out.unlink()
-    code = cli.main(["sample", "--model", str(model_dir), "--seeds", "0-5", "--steps", str(STEPS),
-                     "--shard-size", "1", "--mode", "fast", "--dtype", "fp32", "--device", "cpu",
-                     "--out", str(out)])
+    code = cli.main(["sample", "--model", str(model_dir), "--image-ids", "0-5", "--steps",
+                     str(STEPS), "--shard-size", "1", "--mode", "fast", "--precision", "fp32",
+                     "--device", "cpu", "--out", str(out)])
     assert code == 0 and np.array_equal(np.load(out)["arr_0"], reference)
