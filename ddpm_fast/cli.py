@@ -127,7 +127,6 @@ def load_pipeline(args, device, mode: str):
 
 def cmd_sample(args) -> int:
     from . import distributed
-    from .pipeline import default_steps
 
     out = Path(args.out)
     try:
@@ -146,10 +145,9 @@ def cmd_sample(args) -> int:
     if args.batch_size == "auto":
         args.batch_size = pipe.max_batch_size()
         print(f"--batch-size auto: {args.batch_size}", file=sys.stderr)
-    steps = args.steps or default_steps(args.sampler, pipe.schedule.num_timesteps)  # the API's
-    run = distributed.sample_to_file(
+    run = distributed.sample_to_file(       # None: the scheduler's sampler, default_steps
         pipe, seeds, out, batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
-        num_inference_steps=steps, sampler=args.sampler, eta=args.eta,
+        num_inference_steps=args.steps, sampler=args.sampler, eta=args.eta,
         variance=args.variance, resumable=resumable, overwrite=args.overwrite, scale=args.scale)
     if run.wrote:
         kind = "GPU memory" if device.type == "cuda" else "resident memory of the process"
@@ -465,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=positive("--steps"), default=None,
                    help="sampling steps (default: 1000 for ddpm, 50 for ddim, as the Python API "
                    "and diffusers' pipelines; at most the model's timesteps)")
-    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    s.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
+                   help="ddpm (ancestral) or ddim (default: the model's scheduler: ddim for a "
+                   "DDIMScheduler folder, else ddpm)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
     s.add_argument("--variance", choices=("fixed_small", "fixed_large"), default=None,
                    help="σ²: β̃_t or β_t (default: the model's scheduler config)")

@@ -57,6 +57,11 @@ def bits_per_dim(unet, schedule: Schedule, x0: torch.Tensor, variance: str = "fi
     if schedule.prediction_type != "epsilon":
         raise ValueError(f"bits_per_dim needs an ε-predicting model; the scheduler's "
                          f"prediction_type is {schedule.prediction_type!r}")
+    if variance not in ("fixed_large", "fixed_small"):   # the *_log forms are the same σ²
+        if variance not in ("fixed_large_log", "fixed_small_log"):
+            raise ValueError(f"bits_per_dim supports the fixed variances; variance_type "
+                             f"{variance!r} (a learned σ²) is not implemented for the bound")
+        variance = variance.removesuffix("_log")
     device, f64 = x0.device, torch.float64
     n_t = schedule.num_timesteps
     x0 = x0.to(torch.float64)

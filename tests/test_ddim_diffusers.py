@@ -3,6 +3,7 @@ DDIMPipeline with DDIMScheduler.from_config(that config): the same images for th
 torch.Generator in reference mode, and fast mode runs the same table."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,16 @@ def test_ddim_folder_info_convert_save_and_accelerate(tmp_path, tiny_diffusers_u
         public = [{k: v for k, v in p.scheduler.config.items() if not k.startswith("_")}
                   for p in (back, theirs)]
         assert public[0] == public[1]
+    # `ddpm-fast sample` on the folder samples with its scheduler (DDIM), as the API does
+    assert cli.main(["sample", "--model", str(tmp_path / "m"), "--mode", "reference",
+                     "--num-images", "2", "--steps", "4", "--device", "cpu",
+                     "--out", str(tmp_path / "cli.npz")]) == 0
+    from ddpm_fast.images import unit_to_uint8
+
+    api = ours(batch_size=2, seed=0, num_inference_steps=4, output_type="pt").images
+    assert np.array_equal(np.load(tmp_path / "cli.npz")["arr_0"], unit_to_uint8(api))
+    ddpm = ours(batch_size=2, seed=0, num_inference_steps=4, output_type="pt", sampler="ddpm")
+    assert not np.array_equal(unit_to_uint8(ddpm.images), unit_to_uint8(api))
     # accelerate() of a diffusers DDPMPipeline carrying a DDIMScheduler keeps it
     fast = ddpm_fast.accelerate(theirs, dtype=torch.float32)
     assert type(fast.scheduler).__name__ == "DDIMScheduler"

@@ -343,3 +343,14 @@ def test_benchmark_step_takes_the_torch_step_for_learned_variances(learned_unet,
     step = pipe.benchmark_step_fn(2)
     for i in range(2):        # the fused kernel would refuse the 6-channel output
         step(i)
+
+
+def test_bits_per_dim_refuses_learned_variances_by_name():
+    """The bound is implemented for the fixed variances (their *_log forms are the same σ²);
+    a learned σ² is refused before any work, not silently treated as fixed."""
+    from ddpm_fast.likelihood import bits_per_dim
+    from ddpm_fast.schedule import Schedule
+
+    for variance in ("learned", "learned_range"):
+        with pytest.raises(ValueError, match=f"variance_type '{variance}'"):
+            bits_per_dim(None, Schedule.linear(), torch.zeros(1, 1, 8, 8), variance=variance)
