@@ -151,6 +151,11 @@ def train(unet: UNet2DModel, data: torch.Tensor, cfg: TrainConfig, out_dir=None,
                                             unet.config.sample_size):
         raise ValueError(f"data shape {tuple(data.shape)} does not fit the model "
                          f"({unet.config.in_channels}×{unet.config.sample_size}²)")
+    if unet.config.out_channels != unet.config.in_channels:     # e.g. 2·C: a learned σ² head
+        raise ValueError(f"training minimises L_simple on ε: the U-Net must output its "
+                         f"{unet.config.in_channels} input channels, it has out_channels="
+                         f"{unet.config.out_channels} (learned variances need L_hybrid, not "
+                         "implemented)")
     from . import distributed
 
     if cfg.precision not in AUTOCAST_DTYPES:

@@ -354,3 +354,12 @@ def test_bits_per_dim_refuses_learned_variances_by_name():
     for variance in ("learned", "learned_range"):
         with pytest.raises(ValueError, match=f"variance_type '{variance}'"):
             bits_per_dim(None, Schedule.linear(), torch.zeros(1, 1, 8, 8), variance=variance)
+
+
+def test_training_refuses_a_learned_variance_head_by_name():
+    from ddpm_fast.training import TrainConfig, train
+    from ddpm_fast.unet import PRESETS, UNet2DModel, UNetConfig
+
+    cfg = UNetConfig(**{**PRESETS["tiny"].__dict__, "out_channels": 6})
+    with pytest.raises(ValueError, match="out_channels=6"):
+        train(UNet2DModel(cfg), torch.zeros(2, 3, 16, 16), TrainConfig(steps=1, batch_size=2))
