@@ -72,6 +72,37 @@ def test_graph_replay_equals_eager_fp32():
     assert torch.equal(b, c)
 
 
+@pytest.mark.parametrize("rule", ["threshold", "learned_range"])
+def test_torch_step_rules_capture_in_graphs(rule):
+    """Dynamic thresholding (a per-image quantile) and learned variances take the torch step
+    instead of the fused kernel: it must capture into the CUDA graph without a host sync (no
+    silent fall-back to eager) and replay to the eager result."""
+    import warnings
+
+    from ddpm_fast.unet import PRESETS, UNetConfig
+
+    torch.manual_seed(0)
+    if rule == "threshold":
+        unet, kw = _tiny(), dict(threshold=(0.9, 1.0))
+        table_variance = "fixed_small"
+    else:
+        cfg = UNetConfig(**{**PRESETS["tiny"].__dict__, "out_channels": 6})
+        unet, kw = UNet2DModel(cfg).eval(), dict(variance="learned_range")
+        table_variance = "learned_range"
+    s = Schedule.linear()
+    ts = s.timesteps(10)
+    table = s.step_table(ts, table_variance)
+    eager = FastRunner(unet, "cuda", dtype=torch.float32, use_graphs=False, compile=False)
+    graphs = FastRunner(unet, "cuda", dtype=torch.float32, use_graphs=True, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # "sampling without CUDA graphs" fails here
+        b = graphs.sample(table, ts, 3, seed=5, **kw)
+        c = graphs.sample(table, ts, 3, seed=5, **kw)
+    a = eager.sample(table, ts, 3, seed=5, **kw)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert torch.equal(b, c)
+
+
 def test_images_independent_of_batch_size(monkeypatch):
     # The noise of image 5 is the same in both runs (Philox by index); the U-Net's convolutions
     # may pick other algorithms per batch size, so allow fp32 rounding, with TF32 off.
