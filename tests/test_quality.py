@@ -63,9 +63,11 @@ def test_shipped_model_passes_on_triton_backend():
 
 
 def test_untrained_model_fails():
+    # an untrained U-Net's samples are far from every bound: 0.05 / 2.77 / 36.2 (256 samples,
+    # 100 steps), 0.08 / 2.88 / 36.1 with the 128 samples and 20 steps run here
     torch.manual_seed(0)
     pipe = ddpm_fast.DDPMPipeline(UNet2DModel(DIGITS_CONFIG).eval(), mode="fast")
-    assert not passes(_sample(pipe, 256, num_inference_steps=100))
+    assert not passes(_sample(pipe, 128, num_inference_steps=20))
 
 
 def test_sampler_bug_fails(monkeypatch):
@@ -79,4 +81,5 @@ def test_sampler_bug_fails(monkeypatch):
         return t
 
     monkeypatch.setattr(type(pipe.schedule), "step_table", broken)
-    assert not passes(_sample(pipe, 256, num_inference_steps=100))
+    # far outside the gate with 128 samples as with 256: 0.27 / 3.05 / 17.0
+    assert not passes(_sample(pipe, 128, num_inference_steps=100))
