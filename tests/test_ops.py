@@ -107,7 +107,11 @@ def _table(kind):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("eps_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("kind", ["fixed_small", "fixed_large", "ddim"])
+# fixed_large differs from fixed_small only in the SIGMA column's values: every backend (and the
+# reference) runs the same code for both, so fixed_small stands for the two; ddim adds the C2
+# term (the reference's C2 != 0 branch). fixed_large's σ itself is checked against diffusers in
+# test_schedule.py / test_pipeline.py.
+@pytest.mark.parametrize("kind", ["fixed_small", "ddim"])
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("noise_kind", ["external", "philox"])
 def test_ddpm_step_matches_reference(backend, shape, eps_dtype, layout, kind, clip, noise_kind):
