@@ -33,12 +33,24 @@ def test_loss_decreases_on_digits():
     assert last < 0.6 * first, (first, last)
 
 
+AUTOCAST_RUN = dict(steps=40, batch_size=16, lr=1e-3, warmup=5, log_every=0,
+                   checkpoint_every=10**9)
+
+
+@pytest.fixture(scope="module")
+def fp32_curve():
+    """The fp32 loss curve both autocast cases compare with: the same run for each (same initial
+    weights, data and seeds), so it is trained once."""
+    _, losses = train(_model(), digits_dataset(8, "train")[:256], TrainConfig(**AUTOCAST_RUN),
+                      log=_quiet)
+    return losses
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_autocast_training_follows_fp32(precision):
+def test_autocast_training_follows_fp32(precision, fp32_curve):
     data = digits_dataset(8, "train")[:256]
-    cfg = dict(steps=40, batch_size=16, lr=1e-3, warmup=5, log_every=0, checkpoint_every=10**9)
-    _, ref = train(_model(), data, TrainConfig(**cfg), log=_quiet)
-    _, low = train(_model(), data, TrainConfig(precision=precision, **cfg), log=_quiet)
+    ref = fp32_curve
+    _, low = train(_model(), data, TrainConfig(precision=precision, **AUTOCAST_RUN), log=_quiet)
     assert all(map(math.isfinite, low))
     # same data and noise draws: the low-precision curve tracks the fp32 one
     assert abs(sum(low[-10:]) - sum(ref[-10:])) / sum(ref[-10:]) < 0.15, (ref[-10:], low[-10:])
