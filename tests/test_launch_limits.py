@@ -77,10 +77,12 @@ def test_conv2d_and_norm_affine_grids(monkeypatch):
     scale, shift = cv.norm_affine(stats, _meta(512, dtype=torch.float32),
                                   _meta(512, dtype=torch.float32), 32, 1e-6)
     y = _meta(n, 256, 16, 16)
-    out_stats = cv.conv2d(y, x, weight, None, stride=1, pad=(1, 1, 1, 1), upsample=False,
-                          skip=skip, scale=scale, shift=shift, silu=True, temb=None,
-                          residual=None, shortcut=None, return_stats=True)
+    out_stats, groups = cv.conv2d(y, x, weight, None, stride=1, pad=(1, 1, 1, 1),
+                                  upsample=False, skip=skip, scale=scale, shift=shift, silu=True,
+                                  temb=None, residual=None, shortcut=None, return_stats=True,
+                                  stats_groups=32)    # the per-image finish: tickets for n images
     assert out_stats.shape[0] == n and out_stats.shape[2:] == (256, 3)
+    assert groups.shape == (n, 32, 3)
     _assert_within_limits(rec.grids)
 
 
