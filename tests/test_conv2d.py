@@ -204,10 +204,9 @@ def test_compiles_for_hopper_without_spills(tmp_path):
     layers = json.loads(out.read_text())["layers"]
     assert layers.keys() == CIFAR_LAYERS.keys()
     for name, r in layers.items():
-        # ≤ 8 bytes: ptxas parks two prologue values of the 32×64 four-warp tile (the 4×4 maps)
-        # on the stack once the once-per-image group finish is in the kernel; read back once, at
-        # the end. Anything larger is a spill in the main loop (the first version had 248).
-        assert r["stack"] <= 8 and r["local"] == 0, f"{name} spills: {r}"
+        # (the first version spilled 248 bytes in the main loop; a group finish that loaded
+        # more than 8 elements a thread per field spilled 72 under Triton 3.6)
+        assert r["stack"] == 0 and r["local"] == 0, f"{name} spills: {r}"
         if r["tile"][0] * r["tile"][1] >= 64 * 64:
             assert r["wgmma"] > 0, f"{name} has no wgmma: {r}"
 

@@ -12,7 +12,9 @@ reduction steps over the raw shortcut input into the same accumulator. With STAT
 writes its tile's per-channel (count, mean, M2), two-pass over the fp32 accumulator; with
 GROUP_STATS it then takes a ticket (an atomic per-image counter) and the image's last program
 merges all the image's partials into the next norm's group statistics, so that the consumer's
-prologue (NORM_FROM_GROUPS) needs no finalizer launch in between.
+prologue (NORM_FROM_GROUPS) needs no finalizer launch in between. That merge is the tail of every
+launch, so it handles all groups at once (vector loads over a [groups, channels per group]
+layout): its chain of dependent loads is a few long, not one per group.
 
 Weights are read through their strides: a [Cout, Cin, KH, KW] tensor whose memory is laid out
 [KH, KW, Cin, Cout] (what the fast runner stores) makes the B tile's rows contiguous.
@@ -82,8 +84,8 @@ def _conv2d_kernel(
     HAS_TEMB: tl.constexpr, HAS_RES: tl.constexpr, HAS_SC: tl.constexpr,
     SC_HAS_SKIP: tl.constexpr, SC_HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
     NORM_FROM_GROUPS: tl.constexpr, GROUP_STATS: tl.constexpr, GROUP_STATS_CAT: tl.constexpr,
-    CPG_OUT: tl.constexpr,
-    BLOCK_T: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_T: tl.constexpr, G_OUT: tl.constexpr, CPG_OUT: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     if PDL:     # let the next kernel launch now; wait for the previous one before any access
@@ -216,7 +218,8 @@ def _conv2d_kernel(
             if tl.atomic_add(ticket_ptr + img, 1, sem="acq_rel") == last:
                 tl.debug_barrier()
                 _finish_groups(stats_ptr, cat_ptr, gout_ptr, img, tl.num_programs(0), Cout,
-                               T_cat, C_cat, groups_out, GROUP_STATS_CAT, BLOCK_T, CPG_OUT)
+                               T_cat, C_cat, groups_out, GROUP_STATS_CAT, BLOCK_T, G_OUT,
+                               CPG_OUT)
                 tl.store(ticket_ptr + img, 0)       # zeros again for the next launch
 
 
@@ -233,73 +236,72 @@ def _group_affine(g_ptr, gamma_ptr, beta_ptr, n, c, c_mask, groups, cpg, eps):
 
 @triton.jit
 def _finish_groups(stats_ptr, cat_ptr, gout_ptr, n, T, C, T1, C1, groups, HAS_CAT: tl.constexpr,
-                   BLOCK_T: tl.constexpr, CPG: tl.constexpr):
+                   BLOCK_T: tl.constexpr, G: tl.constexpr, CPG: tl.constexpr):
     """One image's per-tile partials [T, C, 3] (and a following concatenation's [T1, C1, 3])
-    → the groups' (count, mean, M2) [groups, 3]."""
-    for g in range(groups):
-        count, mean, m2 = _group_moments(stats_ptr, cat_ptr, n, T, C, T1, C1, g,
-                                         (C + C1) // groups, HAS_CAT, BLOCK_T, CPG, True)
-        out = gout_ptr + (n * groups + g) * 3
-        tl.store(out, count)
-        tl.store(out + 1, mean)
-        tl.store(out + 2, m2)
+    → the groups' (count, mean, M2) [groups, 3], written by the image's last program."""
+    g, count, mean, m2, _, _ = _image_groups(stats_ptr, cat_ptr, n, T, C, T1, C1, groups,
+                                             HAS_CAT, BLOCK_T, G, CPG)
+    out = gout_ptr + (n * groups + g) * 3
+    g_mask = g < groups
+    tl.store(out, count, mask=g_mask)
+    tl.store(out + 1, mean, mask=g_mask)
+    tl.store(out + 2, m2, mask=g_mask)
 
 
 @triton.jit
-def _group_moments(s0_ptr, s1_ptr, n, T0, C0, T1, C1, g, cpg, HAS_SKIP: tl.constexpr,
-                   BLOCK_T: tl.constexpr, CPG: tl.constexpr, OTHER_PROGRAMS: tl.constexpr):
-    """Group g's (count, mean, M2) over the concatenated channels of two parts' per-channel
-    partials [N, T0, C0, 3] and [N, T1, C1, 3] (a group may straddle them): Chan's merge in two
-    passes, the group mean, then M2 about it."""
-    cc = g * cpg + tl.arange(0, CPG)                     # the group's channels, concatenated
-    in_group = tl.arange(0, CPG) < cpg
-    count, total = _merge_part(s0_ptr, n, T0, C0, cc, in_group & (cc < C0), 0.0, BLOCK_T, CPG,
-                               False, OTHER_PROGRAMS)
-    if HAS_SKIP:
-        count1, total1 = _merge_part(s1_ptr, n, T1, C1, cc - C0, in_group & (cc >= C0), 0.0,
-                                     BLOCK_T, CPG, False, OTHER_PROGRAMS)
+def _image_groups(s0_ptr, s1_ptr, n, T0, C0, T1, C1, groups, HAS_SKIP: tl.constexpr,
+                  BLOCK_T: tl.constexpr, G: tl.constexpr, CPG: tl.constexpr):
+    """All of image n's groups at once, over the concatenated channels of two parts' per-channel
+    partials [N, T0, C0, 3] and [N, T1, C1, 3] (a group may straddle them). Channels are laid
+    out [G, CPG] (channel g·cpg + j), so every load is one vector and no group waits for
+    another: the chain of dependent loads is T / BLOCK_T long, not groups × T / BLOCK_T.
+    Returns (group index [G], count, mean, M2 [G], channel index and mask [G, CPG])."""
+    g = tl.arange(0, G)
+    j = tl.arange(0, CPG)
+    cpg = (C0 + C1) // groups
+    cc = g[:, None] * cpg + j[None, :]
+    valid = (g < groups)[:, None] & (j < cpg)[None, :]
+    count, mean, m2 = _channel_moments(s0_ptr, n, T0, C0, cc, valid & (cc < C0), BLOCK_T)
+    if HAS_SKIP:    # the parts are disjoint per channel: the other's entries are zeros
+        count1, mean1, m2_1 = _channel_moments(s1_ptr, n, T1, C1, cc - C0,
+                                               valid & (cc >= C0), BLOCK_T)
         count += count1
-        total += total1
-    mean = total / count
-    m2, _ = _merge_part(s0_ptr, n, T0, C0, cc, in_group & (cc < C0), mean, BLOCK_T, CPG, True,
-                        OTHER_PROGRAMS)
-    if HAS_SKIP:
-        m2_skip, _ = _merge_part(s1_ptr, n, T1, C1, cc - C0, in_group & (cc >= C0), mean,
-                                 BLOCK_T, CPG, True, OTHER_PROGRAMS)
-        m2 += m2_skip
-    return count, mean, m2
+        mean += mean1
+        m2 += m2_1
+    total = tl.sum(count, axis=1)
+    group_mean = tl.sum(count * mean, axis=1) / tl.maximum(total, 1.0)
+    d = mean - group_mean[:, None]
+    return g, total, group_mean, tl.sum(m2 + count * d * d, axis=1), cc, valid
 
 
 @triton.jit
-def _merge_part(stats_ptr, n, T, Cp, c, c_mask, shift_mean, BLOCK_T: tl.constexpr,
-                CPG: tl.constexpr, SECOND_PASS: tl.constexpr, OTHER_PROGRAMS: tl.constexpr):
-    """Over one input part's partials [N, T, Cp, 3] of channels c: Σ count and Σ count·mean, or
-    (second pass, given the group mean) Σ M2 + count·(mean − group mean)². OTHER_PROGRAMS:
-    partials this launch's other programs wrote, read from L2 (.cg), not a stale L1 line."""
+def _channel_moments(stats_ptr, n, T, Cp, c, c_mask, BLOCK_T: tl.constexpr):
+    """Per-channel (count, mean, M2) of the channels c [G, CPG] of one part's partials
+    [N, T, Cp, 3], over its T tiles: BLOCK_T tiles per load, each chunk merged into the running
+    moments with Chan's formula (never E[x²] − E[x]²). Zeros where c_mask is off. Loads are
+    .cg: partials this launch's other programs wrote are in L2, not in this SM's L1."""
     tt = tl.arange(0, BLOCK_T)
-    a = tl.zeros((BLOCK_T, CPG), dtype=tl.float32)
-    b = tl.zeros((BLOCK_T, CPG), dtype=tl.float32)
+    count = tl.zeros_like(c).to(tl.float32)
+    mean = tl.zeros_like(count)
+    m2 = tl.zeros_like(count)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tt
-        m = (t < T)[:, None] & c_mask[None, :]
-        base = stats_ptr + ((n * T + t)[:, None] * Cp + c[None, :]) * 3
-        if OTHER_PROGRAMS:
-            cnt = tl.load(base, mask=m, other=0.0, cache_modifier=".cg")
-            mean = tl.load(base + 1, mask=m, other=0.0, cache_modifier=".cg")
-        else:
-            cnt = tl.load(base, mask=m, other=0.0)
-            mean = tl.load(base + 1, mask=m, other=0.0)
-        if SECOND_PASS:
-            d = mean - shift_mean
-            if OTHER_PROGRAMS:
-                m2 = tl.load(base + 2, mask=m, other=0.0, cache_modifier=".cg")
-            else:
-                m2 = tl.load(base + 2, mask=m, other=0.0)
-            a += m2 + cnt * d * d
-        else:
-            a += cnt
-            b += cnt * mean
-    return tl.sum(tl.sum(a, axis=1), axis=0), tl.sum(tl.sum(b, axis=1), axis=0)
+        m = (t < T)[:, None, None] & c_mask[None, :, :]
+        base = stats_ptr + ((n * T + t)[:, None, None] * Cp + c[None, :, :]) * 3
+        cnt = tl.load(base, mask=m, other=0.0, cache_modifier=".cg")
+        mu = tl.load(base + 1, mask=m, other=0.0, cache_modifier=".cg")
+        chunk = tl.sum(cnt, axis=0)
+        chunk_mean = tl.sum(cnt * mu, axis=0) / tl.maximum(chunk, 1.0)
+        d = mu - chunk_mean[None, :, :]
+        chunk_m2 = tl.sum(tl.load(base + 2, mask=m, other=0.0, cache_modifier=".cg")
+                          + cnt * d * d, axis=0)
+        total = count + chunk
+        w = chunk / tl.maximum(total, 1.0)
+        delta = chunk_mean - mean
+        mean += delta * w
+        m2 += chunk_m2 + delta * delta * count * w
+        count = total
+    return count, mean, m2
 
 
 @triton.jit
@@ -307,30 +309,38 @@ def _norm_affine_kernel(
     s0_ptr, s1_ptr,         # per-channel partials of x [N, T0, C0, 3] and of skip [N, T1, C1, 3]
     w_ptr, b_ptr,           # GroupNorm weight, bias [C0 + C1] fp32
     scale_ptr, shift_ptr,   # out: [N, C0 + C1] fp32, u·scale + shift = GroupNorm(u)
-    T0, C0, T1, C1, cpg, groups, eps,
-    HAS_SKIP: tl.constexpr, BLOCK_T: tl.constexpr, CPG: tl.constexpr, PDL: tl.constexpr,
+    T0, C0, T1, C1, groups, eps,
+    HAS_SKIP: tl.constexpr, BLOCK_T: tl.constexpr, G: tl.constexpr, CPG: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    task = tl.program_id(0)
-    n = (task // groups).to(tl.int64)      # (n·T + t)·C·3 nears 2³¹ at batch 4096, 256 px
-    g = task % groups
-    count, mean, m2 = _group_moments(s0_ptr, s1_ptr, n, T0, C0, T1, C1, g, cpg, HAS_SKIP,
-                                     BLOCK_T, CPG, False)
-    cc = g * cpg + tl.arange(0, CPG)
-    in_group = tl.arange(0, CPG) < cpg
-    rstd = 1.0 / tl.sqrt(m2 / count + eps)
-    scale = tl.load(w_ptr + cc, mask=in_group, other=0.0) * rstd
-    shift = tl.load(b_ptr + cc, mask=in_group, other=0.0) - mean * scale
+    n = tl.program_id(0).to(tl.int64)     # (n·T + t)·C·3 nears 2³¹ at batch 4096, 256 px
+    _, count, mean, m2, cc, valid = _image_groups(s0_ptr, s1_ptr, n, T0, C0, T1, C1, groups,
+                                                  HAS_SKIP, BLOCK_T, G, CPG)
+    rstd = 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
+    scale = tl.load(w_ptr + cc, mask=valid, other=0.0) * rstd[:, None]
+    shift = tl.load(b_ptr + cc, mask=valid, other=0.0) - mean[:, None] * scale
     out = n * (C0 + C1) + cc
-    tl.store(scale_ptr + out, scale, mask=in_group)
-    tl.store(shift_ptr + out, shift, mask=in_group)
+    tl.store(scale_ptr + out, scale, mask=valid)
+    tl.store(shift_ptr + out, shift, mask=valid)
+
+
+def group_layout(channels: int, groups: int, tiles: int, num_warps: int = 4) -> dict:
+    """Constexprs of _image_groups: the [G, CPG] channel layout and BLOCK_T, the tiles per load,
+    sized so that one load is ≤ 8 elements a thread per field (more made ptxas spill the
+    4-warp 64×64 tile of the up blocks' concatenation under Triton 3.6)."""
+    g = max(2, triton.next_power_of_2(groups))
+    cpg = max(2, triton.next_power_of_2(channels // groups))
+    budget = 8 * 32 * num_warps
+    return dict(G=g, CPG=cpg,
+                BLOCK_T=max(2, min(triton.next_power_of_2(max(tiles, 1)), budget // (g * cpg))))
 
 
 def norm_affine(parts, weight, bias, groups: int, eps: float):
     """GroupNorm of the concatenated parts as fp32 (scale, shift) [N, C], from their per-channel
-    partials (ops/conv2d.py's format), in one launch of N · groups programs."""
+    partials (ops/conv2d.py's format), in one launch of N programs (one per image, all groups)."""
     s0 = parts[0].contiguous()
     s1 = parts[1].contiguous() if len(parts) > 1 else s0
     n, t0, c0, _ = s0.shape
@@ -338,11 +348,10 @@ def norm_affine(parts, weight, bias, groups: int, eps: float):
     c = c0 + c1
     scale = torch.empty(n, c, dtype=torch.float32, device=s0.device)
     shift = torch.empty_like(scale)
-    _norm_affine_kernel[(n * groups,)](
+    _norm_affine_kernel[(n,)](
         s0, s1, weight.float().contiguous(), bias.float().contiguous(), scale, shift,
-        t0, c0, t1, c1, c // groups, groups, eps, HAS_SKIP=len(parts) > 1,
-        BLOCK_T=min(64, triton.next_power_of_2(max(t0, t1))),
-        CPG=max(2, triton.next_power_of_2(c // groups)), **_pdl_options())
+        t0, c0, t1, c1, groups, eps, HAS_SKIP=len(parts) > 1,
+        **group_layout(c, groups, max(t0, t1)), **_pdl_options())
     return scale, shift
 
 
@@ -463,17 +472,21 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
     t_cat, c_cat = (stats_cat.shape[1], stats_cat.shape[2]) if stats_cat is not None else (0, 0)
     if stats_cat is not None:
         stats_cat = stats_cat.contiguous()
-    cpg_out = (cout + c_cat) // stats_groups if stats_groups else 1
     flags = dict(
         KH=kh, KW=kw, STRIDE=stride, UPSAMPLE=upsample, HAS_SKIP=skip is not None,
         HAS_NORM=scale is not None, SILU=silu, HAS_BIAS=bias is not None,
         HAS_TEMB=temb is not None, HAS_RES=residual is not None, HAS_SC=sc_w is not None,
         SC_HAS_SKIP=sc_skip is not None, SC_HAS_BIAS=sc_b is not None, STATS=return_stats,
         NORM_FROM_GROUPS=group_norm is not None, GROUP_STATS=stats_groups > 0,
-        GROUP_STATS_CAT=stats_cat is not None,
-        CPG_OUT=max(2, triton.next_power_of_2(cpg_out)), IEEE=x.dtype == torch.float32)
+        GROUP_STATS_CAT=stats_cat is not None, IEEE=x.dtype == torch.float32)
     groups = (torch.empty(n, stats_groups, 3, dtype=torch.float32, device=x.device)
               if stats_groups else None)
+
+    def _finish_layout(tiles_m, warps):   # the constexprs of the once-per-image group finish
+        if not stats_groups:
+            return dict(BLOCK_T=2, G_OUT=2, CPG_OUT=2)
+        lay = group_layout(cout + c_cat, stats_groups, max(tiles_m, t_cat), warps)
+        return dict(BLOCK_T=lay["BLOCK_T"], G_OUT=lay["G"], CPG_OUT=lay["CPG"])
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
@@ -498,7 +511,7 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
             *temb_strides, *_strides(residual),
             *_strides(sc_x), *_strides(sc_skip), *_strides(sc_w2, 2),
             *y.stride(),
-            **flags, BLOCK_T=min(64, triton.next_power_of_2(max(tiles_m, t_cat))),
+            **flags, **_finish_layout(tiles_m, warps),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
             **_pdl_options())
         return stats
