@@ -8,12 +8,13 @@
 #   cifar10    sample throughput, CIFAR-10 config, batch 1/16/64/256, every provider
 #   256        sample throughput, 256 px config, batch 1/16/64
 #   profile    where the fast step's time goes
-#   conv       the fused-conv path alone (issue 13): its CUDA tests, compute-sanitizer on its
-#              kernel (bf16, batch 3), conv2d_layers.py per layer kind, and CIFAR-10 throughput of
-#              compile / fast-inductor / fast-conv / fast-conv-pdl at batch 1, 64, 256 (about 7
-#              minutes after a build)
+#   conv       the fused-conv path alone (issue 13): its CUDA tests, conv2d_layers.py per layer
+#              kind, CIFAR-10 throughput of compile / fast-inductor / fast-conv / fast-conv-pdl at
+#              batch 1, 64, 256, the kernel profile, and last (slowest, least likely to change the
+#              decision) compute-sanitizer on its kernel (about 7 minutes after a build)
 #   conv-more  the next questions once conv has run: per-layer tile autotuning (fast-conv-tuned)
-#              and Inductor's own PDL (fast-inductor-pdl) beside fast-conv, batch 1 and 256
+#              and Inductor's own PDL (fast-inductor-pdl) beside fast-conv, batch 1 and 256;
+#              split-K on and off at batch 1 (fast-conv-nosplit)
 #
 #   OUT=/tmp/out ARCHS=90 bash benchmarks/gpu_suite.sh build conv               # a short window
 #
@@ -91,14 +92,6 @@ for stage in "${STAGES[@]}"; do
         (cd tests && python3 -m pytest -q -p no:cacheprovider test_cuda.py -k conv) \
             > "$OUT/conv_tests.log" 2>&1 || status=1
         tail -5 "$OUT/conv_tests.log"
-        if command -v compute-sanitizer > /dev/null; then
-            step "fused conv: compute-sanitizer memcheck (bf16, batch 3)"
-            (cd tests && compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest \
-                -q -p no:cacheprovider test_cuda.py \
-                -k "(conv2d_triton_cuda and bf16 and b3) or (conv2d_group_statistics and b3)") \
-                > "$OUT/conv_memcheck.log" 2>&1 || status=1
-            tail -5 "$OUT/conv_memcheck.log"
-        fi
         step "fused conv per layer kind"
         python3 benchmarks/conv2d_layers.py --device cuda --batch 1 64 256 \
             > "$OUT/conv2d_layers.log" 2>&1 || status=1
@@ -113,6 +106,14 @@ for stage in "${STAGES[@]}"; do
         python3 benchmarks/profile_step.py --device cuda --kernels conv --batch 1 256 --steps 5 \
             > "$OUT/profile_conv.log" 2>&1 || status=1
         tail -25 "$OUT/profile_conv.log"
+        if command -v compute-sanitizer > /dev/null; then
+            step "fused conv: compute-sanitizer memcheck (bf16, batch 3; last: the slowest)"
+            (cd tests && compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest \
+                -q -p no:cacheprovider test_cuda.py \
+                -k "(conv2d_triton_cuda and bf16 and b3) or (conv2d_group_statistics and b3) or split_k") \
+                > "$OUT/conv_memcheck.log" 2>&1 || status=1
+            tail -5 "$OUT/conv_memcheck.log"
+        fi
         ;;
     conv-more)
         step "sample throughput: fast-conv against its tuned-tile and Inductor-PDL neighbours"
@@ -121,6 +122,12 @@ for stage in "${STAGES[@]}"; do
             --out "benchmarks/results/sample_throughput_conv_more_$(date +%F).json" \
             > "$OUT/throughput_conv_more.log" 2>&1 || status=1
         tail -12 "$OUT/throughput_conv_more.log"
+        step "sample throughput, batch 1: fast-conv with and without split-K"
+        python3 benchmarks/sample_throughput.py --device cuda --config cifar10 --batch 1 \
+            --providers fast-conv fast-conv-nosplit \
+            --out "benchmarks/results/sample_throughput_conv_splitk_$(date +%F).json" \
+            > "$OUT/throughput_conv_splitk.log" 2>&1 || status=1
+        tail -8 "$OUT/throughput_conv_splitk.log"
         ;;
     profile)
         step "profile of the fast step"

@@ -13,7 +13,8 @@ Providers (each skipped with a note when it cannot run here):
              convolutions (today's CUDA default, so "fast" there); -pdl: with Inductor's PDL
   fast-conv  fast mode with kernels="conv": every convolution the fused conv2d op (Triton),
              norm and adds folded in; -pdl: with programmatic dependent launch
-             (DDPM_FAST_PDL=1); -tuned: tiles timed per layer (DDPM_FAST_CONV_AUTOTUNE=1)
+             (DDPM_FAST_PDL=1); -tuned: tiles timed per layer (DDPM_FAST_CONV_AUTOTUNE=1);
+             -nosplit: without split-K in the small batch-1 layers (DDPM_FAST_CONV_SPLITK=0)
 
 Every provider runs the same weights. A "step" is one U-Net forward plus one sampler update; per-step
 latency is the median over timed steps after warm-up, and images/s for a full 1000-step sample is
@@ -308,9 +309,9 @@ def provider_switched(build_steps, switch):
 
 
 @contextlib.contextmanager
-def env_switch(name: str):
+def env_switch(name: str, value: str = "1"):
     saved = os.environ.get(name)
-    os.environ[name] = "1"
+    os.environ[name] = value
     try:
         yield
     finally:
@@ -349,6 +350,8 @@ PROVIDERS = {
                                        lambda: env_switch("DDPM_FAST_PDL")),
     "fast-conv-tuned": provider_switched(provider_ours("fast", kernels="conv"),
                                          lambda: env_switch("DDPM_FAST_CONV_AUTOTUNE")),
+    "fast-conv-nosplit": provider_switched(provider_ours("fast", kernels="conv"),
+                                           lambda: env_switch("DDPM_FAST_CONV_SPLITK", "0")),
 }
 
 

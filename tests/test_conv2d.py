@@ -460,3 +460,51 @@ def test_tile_autotune_times_each_candidate_once(monkeypatch):
     assert triton_conv._tuned("layer", cands, launch) == cands[-1]
     assert triton_conv._tuned("layer", cands, launch) == cands[-1]
     assert timed == cands
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (interpreter on CPU)")
+@pytest.mark.parametrize("name", ["skip_straddling_group_shortcut", "downsample_stride2_pad0101",
+                                  "temb_broadcast_residual"])
+def test_split_k_equals_reference(name, monkeypatch):
+    """Split-K (the batch-1 low-resolution layers on a GPU), forced here to 3 splits with
+    16×16×16 tiles, so that splits end mid-tap, one covers the end of the main loop and the
+    1×1 shortcut, and the shortcut case's 28 steps split unevenly: the output, its
+    statistics and the producer-finished groups equal the torch reference's; every split and
+    group ticket is zero again after the launch."""
+    from ddpm_fast.kernels.triton import conv2d as triton_conv
+
+    monkeypatch.setattr(triton_conv, "tile_config", lambda *a: (16, 16, 16, 4, 1))
+    monkeypatch.setattr(triton_conv, "split_k", lambda programs, steps, interpret: 3)
+    args = CASES[name]()
+    groups = 4 if args["weight"].shape[0] % 4 == 0 else 1
+    with use_backend("torch"):
+        ref, ref_stats = conv2d(**args, return_stats=True, stats_groups=groups)
+    with use_backend("triton"):
+        y, stats = conv2d(**args, return_stats=True, stats_groups=groups)
+    scale = max(1.0, ref.abs().max().item())
+    assert (y - ref).abs().max().item() <= 1e-4 * scale
+    torch.testing.assert_close(stats.groups[..., :2], ref_stats.groups[..., :2],
+                               atol=1e-5 * scale, rtol=1e-5)
+    torch.testing.assert_close(stats.groups[..., 2], ref_stats.groups[..., 2],
+                               atol=1e-5 * scale ** 2, rtol=1e-4)
+    assert all(int(t.abs().sum()) == 0 for t in triton_conv._TICKETS.values())
+
+
+def test_split_k_only_where_the_gpu_would_idle(monkeypatch):
+    """The split heuristic: batch-1 layers of 8-64 tiles split up to about one program per SM
+    with ≥ 4 steps each; full launches, short reductions, the interpreter and
+    DDPM_FAST_CONV_SPLITK=0 do not split."""
+    pytest.importorskip("triton")
+    from ddpm_fast.kernels.triton.conv2d import GPU_PROGRAMS, split_k
+
+    monkeypatch.delenv("DDPM_FAST_CONV_SPLITK", raising=False)
+    assert split_k(8, 36, False) == 8            # 4×4 map, 256 channels: 64 programs
+    assert split_k(8, 72, False) == 16           # the up block's 256 + 256 channels
+    assert split_k(64, 36, False) == 2
+    assert split_k(128, 18, False) == 1          # 32×32 map: every SM busy already
+    assert split_k(8, 4, False) == 1             # conv_in: too short to split
+    assert split_k(8 * 64, 36, False) == 1       # batch 64
+    assert all(p * split_k(p, 72, False) <= max(p, GPU_PROGRAMS) for p in range(1, 300))
+    assert split_k(8, 36, True) == 1
+    monkeypatch.setenv("DDPM_FAST_CONV_SPLITK", "0")
+    assert split_k(8, 36, False) == 1

@@ -296,6 +296,36 @@ def test_conv2d_group_statistics_cuda(layer, batch):
         assert all(int(t.abs().sum()) == 0 for t in _TICKETS.values())
 
 
+@pytest.mark.parametrize("layer", list(_conv_layers()))
+def test_conv2d_split_k_cuda(layer, monkeypatch):
+    """Batch 1, where the low-resolution layers split their reduction (split_k): 20 racing
+    launches give the same bits (the last split sums the partials in split order), equal to the
+    unsplit kernel within fp32 summation order (fp32) and one bf16 rounding (bf16), with the
+    producer-finished groups; every ticket is zero afterwards."""
+    from benchmarks.conv2d_layers import make_inputs
+    from ddpm_fast.kernels.triton.conv2d import _TICKETS
+    from ddpm_fast.ops.conv2d import conv2d
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        args = make_inputs(_conv_layers()[layer], 1, "cuda", dtype)
+        groups = 32 if args["weight"].shape[0] % 32 == 0 else 0
+        with use_backend("triton"):
+            runs = [conv2d(**args, return_stats=True, stats_groups=groups) for _ in range(20)]
+            monkeypatch.setenv("DDPM_FAST_CONV_SPLITK", "0")
+            unsplit, unsplit_stats = conv2d(**args, return_stats=True, stats_groups=groups)
+            monkeypatch.delenv("DDPM_FAST_CONV_SPLITK")
+        torch.cuda.synchronize()
+        y, stats = runs[0]
+        assert all(torch.equal(r, y) for r, _ in runs)
+        scale = max(1.0, unsplit.float().abs().max().item())
+        assert (y.float() - unsplit.float()).abs().max().item() <= tol * scale
+        if groups:
+            assert all(torch.equal(s.groups, stats.groups) for _, s in runs)
+            torch.testing.assert_close(stats.groups[..., 1], unsplit_stats.groups[..., 1],
+                                       rtol=tol, atol=tol * scale)
+        assert all(int(t.abs().sum()) == 0 for t in _TICKETS.values())
+
+
 def test_conv_unet_cuda_matches_reference():
     """The CIFAR U-Net under "conv" kernels (fp32, IEEE dots) equals its reference forward."""
     import copy

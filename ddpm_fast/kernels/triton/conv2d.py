@@ -72,6 +72,8 @@ def _conv2d_kernel(
     gout_ptr,       # [N, groups_out, 3] fp32: group statistics of y (or of cat([y, next skip]))
     cat_ptr,        # [N, T_cat, C_cat, 3] fp32: the next skip's partials (GROUP_STATS_CAT)
     ticket_ptr,     # [≥ N] int32 zeros: programs finished per image (GROUP_STATS)
+    ws_ptr,         # [N · tiles, SPLIT_K, BLOCK_M, BLOCK_N] fp32: the splits' partial sums
+    split_ticket_ptr,   # [≥ N · tiles] int32 zeros: splits finished per output tile (SPLIT_K > 1)
     Cx, Cs, H, W, Cout, Ho, Wo, Cscx, Cscs, pad_top, pad_left,
     groups_in, eps_in, groups_out, T_cat, C_cat,
     sx_n, sx_c, sx_h, sx_w, ss_n, ss_c, ss_h, ss_w,
@@ -85,14 +87,14 @@ def _conv2d_kernel(
     SC_HAS_SKIP: tl.constexpr, SC_HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
     NORM_FROM_GROUPS: tl.constexpr, GROUP_STATS: tl.constexpr, GROUP_STATS_CAT: tl.constexpr,
     BLOCK_T: tl.constexpr, G_OUT: tl.constexpr, CPG_OUT: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     if PDL:     # let the next kernel launch now; wait for the previous one before any access
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(1) // SPLIT_K      # axis 1: output-channel tiles × reduction splits
     n = tl.program_id(2).to(tl.int64)
     p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # output pixel within the image
     p_mask = p < Ho * Wo
@@ -114,7 +116,26 @@ def _conv2d_kernel(
     # BLOCK_K channels of x, or, past x's chunks, of skip (the up blocks' concatenation).
     chunks_x = tl.cdiv(Cx, BLOCK_K)
     chunks_tap = chunks_x + tl.cdiv(Cs, BLOCK_K)
-    for step in range(KH * KW * chunks_tap):
+    main_steps = KH * KW * chunks_tap
+    if HAS_SC:
+        sc_chunks_x = tl.cdiv(Cscx, BLOCK_K)
+        sc_steps = sc_chunks_x + tl.cdiv(Cscs, BLOCK_K)
+    else:
+        sc_steps = 0
+    if SPLIT_K > 1:     # this program's share of the steps: main loop's, then the shortcut's
+        per = tl.cdiv(main_steps + sc_steps, SPLIT_K)
+        lo = (tl.program_id(1) % SPLIT_K) * per
+        hi = tl.minimum(lo + per, main_steps + sc_steps)
+        main_lo = tl.minimum(lo, main_steps)
+        main_hi = tl.minimum(hi, main_steps)
+        sc_lo = tl.maximum(lo - main_steps, 0)
+        sc_hi = tl.maximum(hi - main_steps, 0)
+    else:
+        main_lo = 0
+        main_hi = main_steps
+        sc_lo = 0
+        sc_hi = sc_steps
+    for step in range(main_lo, main_hi):
         tap = step // chunks_tap
         j = step % chunks_tap
         ih = oh * STRIDE - pad_top + tap // KW            # in (upsampled) input coordinates
@@ -162,11 +183,10 @@ def _conv2d_kernel(
                         c_mask, co, co_mask, sw_c, sw_co, IEEE)
 
     if HAS_SC:      # 1×1 shortcut of the raw block input, as extra reduction depth
-        chunks_x = tl.cdiv(Cscx, BLOCK_K)
-        for j in range(chunks_x + tl.cdiv(Cscs, BLOCK_K)):
+        for j in range(sc_lo, sc_hi):
             if SC_HAS_SKIP:
-                in_skip = j >= chunks_x
-                c = tl.where(in_skip, j - chunks_x, j) * BLOCK_K + kk
+                in_skip = j >= sc_chunks_x
+                c = tl.where(in_skip, j - sc_chunks_x, j) * BLOCK_K + kk
                 c_mask = c < tl.where(in_skip, Cscs, Cscx)
                 c_global = tl.where(in_skip, Cscx, 0) + c
                 src = tl.where(in_skip, scs_ptr + n * sp_n, scx_ptr + n * sq_n)
@@ -185,42 +205,69 @@ def _conv2d_kernel(
             a = tl.load(ptrs, mask=p_mask[:, None] & c_mask[None, :], other=0.0)
             acc = _mma_step(acc, a, scw_ptr, c_global, c_mask, co, co_mask, sk_c, sk_co, IEEE)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
-    if SC_HAS_BIAS:
-        acc += tl.load(scb_ptr + co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_TEMB:
-        acc += tl.load(temb_ptr + n * st_n + co * st_c, mask=co_mask,
-                       other=0.0).to(tl.float32)[None, :]
-    out_mask = p_mask[:, None] & co_mask[None, :]
-    if HAS_RES:
-        r = tl.load(res_ptr + n * sr_n + (oh * sr_h + ow * sr_w)[:, None] + co[None, :] * sr_c,
-                    mask=out_mask, other=0.0)
-        acc += r.to(tl.float32)
-    tl.store(y_ptr + n * sy_n + (oh * sy_h + ow * sy_w)[:, None] + co[None, :] * sy_c,
-             acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    if SPLIT_K > 1:     # the tile's last split to finish sums the partials, then goes on
+        tile = (n * tl.num_programs(0) + pid_m) * (tl.num_programs(1) // SPLIT_K) + pid_n
+        acc, epilogue = _split_k_sum(acc, ws_ptr, split_ticket_ptr, tile,
+                                     tl.program_id(1) % SPLIT_K, SPLIT_K, BLOCK_M, BLOCK_N)
+    else:
+        epilogue = True
+    if epilogue:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+        if SC_HAS_BIAS:
+            acc += tl.load(scb_ptr + co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_TEMB:
+            acc += tl.load(temb_ptr + n * st_n + co * st_c, mask=co_mask,
+                           other=0.0).to(tl.float32)[None, :]
+        out_mask = p_mask[:, None] & co_mask[None, :]
+        if HAS_RES:
+            r = tl.load(res_ptr + n * sr_n + (oh * sr_h + ow * sr_w)[:, None]
+                        + co[None, :] * sr_c, mask=out_mask, other=0.0)
+            acc += r.to(tl.float32)
+        tl.store(y_ptr + n * sy_n + (oh * sy_h + ow * sy_w)[:, None] + co[None, :] * sy_c,
+                 acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
-    if STATS:       # this tile's per-channel (count, mean, M2): two passes over registers
-        rows = tl.minimum(Ho * Wo - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        mean = tl.sum(tl.where(out_mask, acc, 0.0), axis=0) / rows
-        d = tl.where(out_mask, acc - mean[None, :], 0.0)
-        m2 = tl.sum(d * d, axis=0)
-        s = stats_ptr + ((n * tl.num_programs(0) + pid_m) * Cout + co) * 3
-        tl.store(s, tl.zeros_like(mean) + rows, mask=co_mask)
-        tl.store(s + 1, mean, mask=co_mask)
-        tl.store(s + 2, m2, mask=co_mask)
-        if GROUP_STATS:
-            # Each program takes a ticket after its partials are written (the barrier orders
-            # the CTA's stores before the release); the image's last one merges them all.
-            tl.debug_barrier()
-            img = tl.program_id(2).to(tl.int64)     # re-read: nothing kept live past the loop
-            last = tl.num_programs(0) * tl.num_programs(1) - 1
-            if tl.atomic_add(ticket_ptr + img, 1, sem="acq_rel") == last:
+        if STATS:       # this tile's per-channel (count, mean, M2): two passes over registers
+            rows = tl.minimum(Ho * Wo - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+            mean = tl.sum(tl.where(out_mask, acc, 0.0), axis=0) / rows
+            d = tl.where(out_mask, acc - mean[None, :], 0.0)
+            m2 = tl.sum(d * d, axis=0)
+            s = stats_ptr + ((n * tl.num_programs(0) + pid_m) * Cout + co) * 3
+            tl.store(s, tl.zeros_like(mean) + rows, mask=co_mask)
+            tl.store(s + 1, mean, mask=co_mask)
+            tl.store(s + 2, m2, mask=co_mask)
+            if GROUP_STATS:
+                # Each program takes a ticket after its partials are written (the barrier orders
+                # the CTA's stores before the release); the image's last one merges them all.
                 tl.debug_barrier()
-                _finish_groups(stats_ptr, cat_ptr, gout_ptr, img, tl.num_programs(0), Cout,
-                               T_cat, C_cat, groups_out, GROUP_STATS_CAT, BLOCK_T, G_OUT,
-                               CPG_OUT)
-                tl.store(ticket_ptr + img, 0)       # zeros again for the next launch
+                img = tl.program_id(2).to(tl.int64)     # re-read: nothing kept live past the loop
+                last = tl.num_programs(0) * (tl.num_programs(1) // SPLIT_K) - 1
+                if tl.atomic_add(ticket_ptr + img, 1, sem="acq_rel") == last:
+                    tl.debug_barrier()
+                    _finish_groups(stats_ptr, cat_ptr, gout_ptr, img, tl.num_programs(0), Cout,
+                                   T_cat, C_cat, groups_out, GROUP_STATS_CAT, BLOCK_T, G_OUT,
+                                   CPG_OUT)
+                    tl.store(ticket_ptr + img, 0)       # zeros again for the next launch
+
+
+@triton.jit
+def _split_k_sum(acc, ws_ptr, ticket_ptr, tile, split, SPLIT_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K: every split stores its fp32 partial tile and takes a ticket on the tile's
+    counter; the last to arrive sums all partials in split order (the same bits whichever
+    split arrives last), resets the counter, and returns (sum, True) to run the epilogue."""
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    base = ws_ptr + tile * (SPLIT_K * BLOCK_M * BLOCK_N)
+    tl.store(base + split * (BLOCK_M * BLOCK_N) + offs, acc)
+    tl.debug_barrier()      # the whole tile is stored before the release
+    last = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+    if last:
+        tl.debug_barrier()
+        acc = tl.load(base + offs, cache_modifier=".cg")
+        for s in tl.static_range(1, SPLIT_K):
+            acc += tl.load(base + s * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
+        tl.store(ticket_ptr + tile, 0)      # zeros again for the next launch
+    return acc, last
 
 
 @triton.jit
@@ -390,6 +437,21 @@ def tile_config(batch: int, pixels: int, cout: int, cin: int, dtype: torch.dtype
     return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3
 
 
+def split_k(programs: int, steps: int, interpret: bool) -> int:
+    """Reduction splits of a launch of `programs` output tiles, `steps` reduction steps each.
+    At batch 1 the low-resolution layers are 8-16 tiles of 36-72 steps: a long chain of
+    dependent steps on a few of the GPU's SMs. Splitting the steps (powers of two, up to about
+    one program per SM, ≥ 4 steps each) spreads it; the last split of each tile sums the
+    partials and runs the epilogue. DDPM_FAST_CONV_SPLITK=0 turns it off; never under the
+    interpreter, whose cost is per program (tests force it)."""
+    if interpret or os.environ.get("DDPM_FAST_CONV_SPLITK") == "0":
+        return 1
+    splits = 1
+    while programs * splits * 2 <= GPU_PROGRAMS and steps >= 8 * splits:
+        splits *= 2
+    return splits
+
+
 def _strides(t, dims=4):
     return tuple(t.stride()) if t is not None else (0,) * dims
 
@@ -398,8 +460,8 @@ _TICKETS: dict = {}
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """Per-image ticket counters, zero between launches (each image's last program resets its
-    own). One buffer per device, shared by launches in stream order; grown, never shrunk, and
+    """Ticket counters (per image for the group finish, per output tile for split-K), zero
+    between launches (the last program to take one resets it). One buffer per device, shared by launches in stream order; grown, never shrunk, and
     first made outside CUDA-graph capture by the runner's eager warm-up run."""
     buf = _TICKETS.get(device)
     if buf is None or buf.numel() < n:
@@ -490,10 +552,18 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
 
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
-        tiles_m = triton.cdiv(ho * wo, bm)
+        tiles_m, tiles_n = triton.cdiv(ho * wo, bm), triton.cdiv(cout, bn)
         stats = (torch.empty(n, tiles_m, cout, 3, dtype=torch.float32, device=x.device)
                  if return_stats else None)
-        _conv2d_kernel[(tiles_m, triton.cdiv(cout, bn), n)](
+        steps = (kh * kw * (triton.cdiv(cx, bk) + triton.cdiv(cs, bk))
+                 + triton.cdiv(cscx, bk) + triton.cdiv(cscs, bk))
+        splits = split_k(n * tiles_m * tiles_n, steps, INTERPRET or x.device.type == "cpu")
+        tiles = n * tiles_m * tiles_n
+        # one zeroed counter buffer: [0, n) the images' group tickets, then the tiles' splits
+        tickets = _tickets(x.device, n + (tiles if splits > 1 else 0))
+        ws = (torch.empty(tiles * splits * bm * bn, dtype=torch.float32, device=x.device)
+              if splits > 1 else None)
+        _conv2d_kernel[(tiles_m, tiles_n * splits, n)](
             x, skip if skip is not None else dummy, weight,
             bias if bias is not None else dummy,
             scale if scale is not None else dummy, shift if shift is not None else dummy,
@@ -504,7 +574,7 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
             gin if gin is not None else dummy, gamma if gamma is not None else dummy,
             beta if beta is not None else dummy, groups if groups is not None else dummy,
             stats_cat if stats_cat is not None else dummy,
-            _tickets(x.device, n) if stats_groups else dummy,
+            tickets, ws if ws is not None else dummy, tickets[n:],
             cx, cs, h, w, cout, ho, wo, cscx, cscs, pad[2], pad[0],
             groups_in, float(eps_in), max(stats_groups, 1), t_cat, c_cat,
             *x.stride(), *_strides(skip), *weight.stride(),
@@ -512,7 +582,8 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
             *_strides(sc_x), *_strides(sc_skip), *_strides(sc_w2, 2),
             *y.stride(),
             **flags, **_finish_layout(tiles_m, warps),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            SPLIT_K=splits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+            num_stages=stages,
             **_pdl_options())
         return stats
 
