@@ -81,3 +81,18 @@ def test_auto_falls_back_through_our_kernels_before_torch(monkeypatch):
     assert select("ddpm_step", torch.device("cuda")) == "triton"
     assert select("ddpm_step", torch.device("cpu")) == "torch"
     assert select("attention", torch.device("cuda")) == "torch"     # the table's choice runs
+
+
+def test_every_environment_variable_is_documented():
+    """Each DDPM_FAST_* setting the package or its build reads has a row in the README's table
+    (DDPM_FAST_WITH_CUDA is a C++ macro, not a setting)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [*root.joinpath("ddpm_fast").rglob("*.py"), root / "setup.py"]
+    read = {name for f in sources for name in re.findall(r"DDPM_FAST_[A-Z_]+", f.read_text())}
+    documented = set(re.findall(r"^\| `(DDPM_FAST_[A-Z_]+)", (root / "README.md").read_text(),
+                                re.MULTILINE))
+    assert "DDPM_FAST_CONV_SPLITK" in read
+    assert read - {"DDPM_FAST_WITH_CUDA"} <= documented, read - documented
