@@ -6,7 +6,7 @@ The launcher runs as in sampling (same tile choice, same argument list) on meta 
 kernel call is recorded and compiled ahead of time with the JIT's own specialisations (integers
 equal to 1 become constants, multiples of 16 are marked divisible, pointers 16-byte aligned).
 
-    python -m benchmarks.aot_conv2d [--arch 90] [--batch 1] [--out aot_sm90.json]
+    python -m benchmarks.aot_conv2d [--arch 90] [--batch 1] [--layers cifar10|256] [--out aot.json]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from benchmarks.conv2d_layers import CIFAR_LAYERS, make_inputs  # noqa: E402
+from benchmarks.conv2d_layers import LAYER_SETS, make_inputs  # noqa: E402
 from ddpm_fast.kernels.triton import conv2d as conv_kernel  # noqa: E402
 from ddpm_fast.ops.conv2d import conv_padding, output_size  # noqa: E402
 
@@ -142,10 +142,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--layers", choices=sorted(LAYER_SETS), default="cifar10",
+                        help="the U-Net whose layer kinds are compiled")
     parser.add_argument("--out", type=Path)
     a = parser.parse_args(argv)
     rows = {}
-    for name, layer in CIFAR_LAYERS.items():
+    for name, layer in LAYER_SETS[a.layers].items():
         rows[name] = compile_layer(layer, a.batch, a.arch)
         r = rows[name]
         print(f"{name:42s} tile {r['tile']} grid {r['grid']} reg {r.get('reg')} "
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
               f"({r['compile_s']} s)")
     if a.out:
         a.out.write_text(json.dumps({"arch": a.arch, "batch": a.batch, "triton": triton.__version__,
-                                     "layers": rows}, indent=1) + "\n")
+                                     "layer_set": a.layers, "layers": rows}, indent=1) + "\n")
     return 0
 
 

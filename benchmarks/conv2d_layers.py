@@ -54,6 +54,26 @@ CIFAR_LAYERS = {
     "up.conv1 256+128 @32 +temb": Layer(256, 128, 32, skip=128, temb=True),
     "conv_out 128→3 @32": Layer(128, 3, 32),
 }
+# The 256-px model (diffusers' ddpm-church/bedroom layout): what it adds to CIFAR's kinds — 256×256
+# maps (512 tiles of statistics per image), 512 channels, and the 512 + 512 concatenation.
+LAYERS_256 = {
+    "conv_in 3→128 @256": Layer(3, 128, 256, norm=False),
+    "res.conv1 128 @256 +temb": Layer(128, 128, 256, temb=True),
+    "res.conv2 128 @256 +residual": Layer(128, 128, 256, residual=True),
+    "down 128 @256 s2": Layer(128, 128, 256, norm=False, stride=2),
+    "res.conv1 128→256 @64 +temb": Layer(128, 256, 64, temb=True),
+    "res.conv2 256 @64 +shortcut128": Layer(256, 256, 64, shortcut=(128,)),
+    "res.conv1 256→512 @16 +temb": Layer(256, 512, 16, temb=True),
+    "res.conv2 512 @16 +shortcut256": Layer(512, 512, 16, shortcut=(256,)),
+    "res.conv2 512 @8 +residual": Layer(512, 512, 8, residual=True),
+    "up.conv1 512+512 @8 +temb": Layer(512, 512, 8, skip=512, temb=True),
+    "up.conv2 512 @8 +shortcut512+512": Layer(512, 512, 8, shortcut=(512, 512)),
+    "up 512 @8→16": Layer(512, 512, 8, norm=False, upsample=True),
+    "up.conv1 512+256 @16 +temb": Layer(512, 512, 16, skip=256, temb=True),
+    "up.conv1 128+128 @256 +temb": Layer(128, 128, 256, skip=128, temb=True),
+    "conv_out 128→3 @256": Layer(128, 3, 256),
+}
+LAYER_SETS = {"cifar10": CIFAR_LAYERS, "256": LAYERS_256}
 SMOKE_LAYERS = {
     "res.conv1 32 @8 +temb": Layer(32, 32, 8, temb=True),
     "up.conv2 32 @4 +shortcut32+16": Layer(32, 32, 4, shortcut=(32, 16)),

@@ -186,9 +186,12 @@ def test_bad_input_is_refused_before_launch(changes, message):
         conv2d(**_bad(**changes))
 
 
-def test_compiles_for_hopper_without_spills(tmp_path):
-    """The GPU build of the kernel, checked without a GPU: every CIFAR layer kind at batch 64
-    compiles for sm_90 with no register spills, and the large tiles' dots become wgmma."""
+@pytest.mark.parametrize("layers,batch", [("cifar10", 64), ("cifar10", 1), ("256", 4)])
+def test_compiles_for_hopper_without_spills(tmp_path, layers, batch):
+    """The GPU build of the kernel, checked without a GPU: every layer kind of the CIFAR model
+    (batch 64; batch 1, where the small layers split K) and of the 256-px model (batch 4: 512
+    tiles of statistics, 512 + 512 channels) compiles for sm_90 with no register spills, and
+    the large tiles' dots become wgmma."""
     import json
     import os
     import subprocess
@@ -197,13 +200,14 @@ def test_compiles_for_hopper_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "benchmarks.aot_conv2d", "--batch", "64", "--out",
-                    str(out)], cwd=root, env=env, check=True, capture_output=True)
-    from benchmarks.conv2d_layers import CIFAR_LAYERS
+    subprocess.run([sys.executable, "-m", "benchmarks.aot_conv2d", "--batch", str(batch),
+                    "--layers", layers, "--out", str(out)], cwd=root, env=env, check=True,
+                   capture_output=True)
+    from benchmarks.conv2d_layers import LAYER_SETS
 
-    layers = json.loads(out.read_text())["layers"]
-    assert layers.keys() == CIFAR_LAYERS.keys()
-    for name, r in layers.items():
+    compiled = json.loads(out.read_text())["layers"]
+    assert compiled.keys() == LAYER_SETS[layers].keys()
+    for name, r in compiled.items():
         # (the first version spilled 248 bytes in the main loop; a group finish that loaded
         # more than 8 elements a thread per field spilled 72 under Triton 3.6)
         assert r["stack"] == 0 and r["local"] == 0, f"{name} spills: {r}"

@@ -376,13 +376,14 @@ def _norm_affine_kernel(
 
 def group_layout(channels: int, groups: int, tiles: int, num_warps: int = 4) -> dict:
     """Constexprs of _image_groups: the [G, CPG] channel layout and BLOCK_T, the tiles per load,
-    sized so that one load is ≤ 8 elements a thread per field (more made ptxas spill the
-    4-warp 64×64 tile of the up blocks' concatenation under Triton 3.6)."""
+    sized so that one load is ≤ 8 elements a thread per field, down to one tile a load (more
+    made ptxas spill the 4-warp tiles of the up blocks' concatenations under Triton 3.6: 256 +
+    256 channels in CIFAR's 64×64 tile, 512 + 512 in the 256-px model's 32×32 one)."""
     g = max(2, triton.next_power_of_2(groups))
     cpg = max(2, triton.next_power_of_2(channels // groups))
     budget = 8 * 32 * num_warps
     return dict(G=g, CPG=cpg,
-                BLOCK_T=max(2, min(triton.next_power_of_2(max(tiles, 1)), budget // (g * cpg))))
+                BLOCK_T=max(1, min(triton.next_power_of_2(max(tiles, 1)), budget // (g * cpg))))
 
 
 def norm_affine(parts, weight, bias, groups: int, eps: float):
