@@ -50,16 +50,21 @@ def test_shipped_model_passes(mode, kw, n):
 
 
 @pytest.mark.skipif(not TRITON, reason="triton is a Linux-only test extra; not installed here")
-def test_shipped_model_passes_on_triton_backend():
-    # The Triton sampler step and Philox noise (interpreter on CPU); the U-Net keeps torch ops,
-    # since interpreting every GroupNorm program would take minutes (those kernels are
-    # checked against the reference in test_group_norm.py).
+def test_shipped_model_on_triton_backend_samples_as_the_gated_backend():
+    """The Triton sampler step and Philox noise (interpreter on CPU) sample the shipped model as
+    the default backend does, whose samples pass the gate above: equal images imply equal
+    scores, at an eighth of the cost of scoring 128 interpreted samples (177 s here). DDIM with
+    η = 0.5, so that fresh noise enters every step; measured bit-identical on this CPU. The U-Net
+    keeps torch ops (its Triton kernels are checked against the reference elsewhere)."""
     pipe = ddpm_fast.DDPMPipeline.from_pretrained(default_model_path(), mode="fast")
     pipe.runner.unet.set_kernels("reference")
-    with use_backend("triton"):
-        # η = 0.5 measured 0.81 / 3.26 / 1.97 here: too close to the gate for 128 samples
-        s = _sample(pipe, 128, num_inference_steps=30, sampler="ddim")   # 0.75 / 3.26 / 1.44
-    assert passes(s), s
+    images = {}
+    for backend in ("triton", "auto"):
+        with use_backend(backend):
+            images[backend] = pipe(batch_size=16, seed=0, output_type="pt", sampler="ddim",
+                                   num_inference_steps=30, eta=0.5).images
+    assert images["triton"].std() > 0.1                      # images, not a constant
+    assert (images["triton"] - images["auto"]).abs().max().item() <= 1e-5
 
 
 def test_untrained_model_fails():
