@@ -1,9 +1,10 @@
-"""The fused conv2d op per CIFAR-10 U-Net layer kind against what stock PyTorch runs for the same
-math: eager (GroupNorm → SiLU → cuDNN conv → adds), and with --with-compile torch.compile of it
+"""The fused conv2d op per U-Net layer kind (CIFAR-10's, or --layers 256) against what stock
+PyTorch runs for the same math: eager (GroupNorm → SiLU → cuDNN conv → adds), and with --with-compile torch.compile of it
 (Inductor fuses the norm and the adds around cuDNN's convolution). bf16, channels_last, CUDA-graph
 replays timed.
 
     python benchmarks/conv2d_layers.py --device cuda --batch 1 64 256
+    python benchmarks/conv2d_layers.py --device cuda --layers 256 --batch 4
     python benchmarks/conv2d_layers.py --smoke      # CPU, Triton interpreter, tiny sizes
 
 Every provider is checked against the op's fp32 reference before it is timed. The JSON (device
@@ -149,6 +150,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--layers", choices=sorted(LAYER_SETS), default="cifar10",
+                   help="the U-Net whose layer kinds are timed")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--with-compile", action="store_true",
                    help="also time torch.compile of the composite (one compile per layer and "
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
     from ddpm_fast.ops.conv2d import conv2d
 
     dtype = torch.float32 if a.smoke else torch.bfloat16
-    layers = SMOKE_LAYERS if a.smoke else CIFAR_LAYERS
+    layers = SMOKE_LAYERS if a.smoke else LAYER_SETS[a.layers]
     compiled = torch.compile(torch_composite) if a.with_compile else None
     rows = []
     for batch in a.batch:
@@ -202,8 +205,10 @@ def main(argv=None) -> int:
     if not a.smoke:
         env = environment(device)
         slug = env["device"].replace(" ", "_").replace("/", "_")
-        out = a.out or Path(__file__).parent / "results" / f"conv2d_layers_{slug}.json"
-        write_json(out, {"environment": env, "dtype": str(dtype), "rows": rows})
+        suffix = "" if a.layers == "cifar10" else f"_{a.layers}px"
+        out = a.out or Path(__file__).parent / "results" / f"conv2d_layers{suffix}_{slug}.json"
+        write_json(out, {"environment": env, "dtype": str(dtype), "layers": a.layers,
+                         "rows": rows})
         print(f"saved {out}")
     return 0
 

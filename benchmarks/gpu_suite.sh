@@ -142,6 +142,9 @@ for stage in "${STAGES[@]}"; do
         python3 benchmarks/conv2d_layers.py --device cuda --batch 1 64 256 \
             > "$OUT/conv2d_layers.log" 2>&1 || status=1
         tail -45 "$OUT/conv2d_layers.log"
+        python3 benchmarks/conv2d_layers.py --device cuda --layers 256 --batch 4 \
+            > "$OUT/conv2d_layers_256.log" 2>&1 || status=1
+        tail -18 "$OUT/conv2d_layers_256.log"
         if command -v compute-sanitizer > /dev/null; then
             step "fused conv: compute-sanitizer memcheck (bf16, batch 1 and 3)"
             (cd tests && compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest \
