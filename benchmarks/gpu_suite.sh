@@ -10,8 +10,8 @@
 #   profile    where the fast step's time goes
 #   conv       the fused-conv path alone (issue 13): its CUDA tests while parallel processes fill
 #              the compile caches (benchmarks/warm_caches.py), then throughput of diffusers /
-#              compile / fast-inductor / fast-conv / fast-conv-pdl, CIFAR-10 batch 1, 64, 256,
-#              and of diffusers / compile / fast-inductor / fast-conv, 256 px batch 4
+#              compile / fast-inductor / fast-conv / fast-conv-pdl, CIFAR-10 batch 1, 64, 256
+#   conv-256   the same providers but PDL at 256 px, batch 4
 #   conv-profile  kernels per step and the top kernels (profile_step.py), each layer kind against
 #              cuDNN + separate norm (conv2d_layers.py), compute-sanitizer on the conv kernel
 #   conv-more  the next questions once conv has run: per-layer tile autotuning (fast-conv-tuned)
@@ -19,7 +19,8 @@
 #              split-K on and off at batch 1 (fast-conv-nosplit)
 #
 #   OUT=/tmp/out ARCHS=90 bash benchmarks/gpu_suite.sh build conv               # a short window
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh conv-profile conv-more            # its next call
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh conv-256 conv-profile             # its next call
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh conv-more                         # if time remains
 #
 #   OUT=/tmp/out ARCHS=90 bash benchmarks/gpu_suite.sh build tests memcheck     # call 1
 #   OUT=/tmp/out bash benchmarks/gpu_suite.sh kernels cifar10                    # call 2
@@ -48,7 +49,7 @@ ARCHS=${ARCHS:-90}
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests memcheck kernels cifar10 256 profile)
 for stage in "${STAGES[@]}"; do       # a misspelt stage fails before a long build, not after
-    case "$stage" in build|tests|memcheck|kernels|cifar10|256|profile|conv|conv-profile|conv-more) ;;
+    case "$stage" in build|tests|memcheck|kernels|cifar10|256|profile|conv|conv-256|conv-profile|conv-more) ;;
     *) echo "unknown stage $stage"; exit 2 ;; esac
 done
 export PYTHONUNBUFFERED=1
@@ -114,7 +115,6 @@ for stage in "${STAGES[@]}"; do
         for b in 1 64 256; do
             for p in compile fast-inductor fast-conv fast-conv-pdl; do warm_jobs+=("$p:cifar10:$b"); done
         done
-        for p in compile fast-inductor fast-conv; do warm_jobs+=("$p:256:4"); done
         python3 benchmarks/warm_caches.py --device cuda --workers 8 --jobs "${warm_jobs[@]}" \
             > "$OUT/warm_caches.log" 2>&1 || status=1
         tail -16 "$OUT/warm_caches.log"
@@ -126,7 +126,11 @@ for stage in "${STAGES[@]}"; do
             --out "benchmarks/results/sample_throughput_conv_${GPU}_$(date +%F).json" \
             > "$OUT/throughput_conv.log" 2>&1 || status=1
         tail -22 "$OUT/throughput_conv.log"
+        ;;
+    conv-256)
         step "sample throughput, 256 px, batch 4"
+        python3 benchmarks/warm_caches.py --device cuda --jobs compile:256:4 fast-inductor:256:4 \
+            fast-conv:256:4 > "$OUT/warm_caches_256.log" 2>&1 || status=1
         python3 benchmarks/sample_throughput.py --device cuda --config 256 --batch 4 \
             --providers diffusers compile fast-inductor fast-conv \
             --out "benchmarks/results/sample_throughput_conv_256px_${GPU}_$(date +%F).json" \
