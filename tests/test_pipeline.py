@@ -175,8 +175,10 @@ def test_bf16_fast_path_tracks_fp32():
     error; the fp32 sampler state and the contracting ancestral chain keep it from compounding:
     measured after 1000 steps a mean |Δ| of 0.0033 (0.4 of an 8-bit level), 15 of 16 images
     within 0.02 everywhere; one image's trajectory, near a decision point of the reverse chain,
-    moved by 0.16 (noise-driven chains amplify small differences there). Statistics of 512
-    samples (100 steps) agree to 0.002; of 256 samples (50 steps, what runs here) to 0.0017."""
+    moved by 0.16 (noise-driven chains amplify small differences there). The 8 images run here
+    (the first 8 of those 16: noise is per image) are all within 0.017, mean 0.0017; one such
+    outlier is allowed. Statistics of 512 samples (100 steps) agree to 0.002; of 128 samples
+    (50 steps, what runs here) to 0.0017 (means) and 0.0005 (standard deviations)."""
     from ddpm_fast.checkpoints import load_unet
     from ddpm_fast.cli import default_model_path
     from ddpm_fast.fast import FastRunner
@@ -189,10 +191,10 @@ def test_bf16_fast_path_tracks_fp32():
         return FastRunner(unet, "cpu", dtype=dtype).sample(s.step_table(ts, "fixed_small"), ts,
                                                           batch, seed=3)
 
-    d = (run(torch.float32, 1000, 16) - run(torch.bfloat16, 1000, 16)).abs()
+    d = (run(torch.float32, 1000, 8) - run(torch.bfloat16, 1000, 8)).abs()
     per_image = d.flatten(1).amax(1)
-    assert d.mean() < 0.01 and (per_image < 0.03).sum() >= 14, (d.mean(), per_image)
-    a, b = run(torch.float32, 50, 256), run(torch.bfloat16, 50, 256)
+    assert d.mean() < 0.01 and (per_image < 0.03).sum() >= 7, (d.mean(), per_image)
+    a, b = run(torch.float32, 50, 128), run(torch.bfloat16, 50, 128)
     dims = (0, 2, 3)                                      # per channel
     assert (a.mean(dims) - b.mean(dims)).abs().max() < 0.01
     assert (a.std(dims) - b.std(dims)).abs().max() < 0.01
