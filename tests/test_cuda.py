@@ -306,7 +306,7 @@ def test_conv2d_split_k_cuda(layer, monkeypatch):
     from ddpm_fast.kernels.triton.conv2d import _TICKETS
     from ddpm_fast.ops.conv2d import conv2d
 
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):
         args = make_inputs(_conv_layers()[layer], 1, "cuda", dtype)
         groups = 32 if args["weight"].shape[0] % 32 == 0 else 0
         with use_backend("triton"):
