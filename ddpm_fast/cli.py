@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -363,11 +364,36 @@ def cmd_info(args) -> int:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    info["kernels"] = kernel_report()
+    info["settings"] = {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith("DDPM_FAST_") or k == "TRITON_INTERPRET"}
     model = Path(args.model) if getattr(args, "model", None) else default_model_path()
     info["model"] = str(model)
     info["scheduler"] = scheduler_settings(model)
     print(json.dumps(info, indent=1))
     return 0
+
+
+def kernel_report() -> dict:
+    """What each op and the fast runner's U-Net run on each device type here (after the
+    DDPM_FAST_BACKEND override and what is built), beside the kernel table with its evidence."""
+    import torch
+
+    from .ops import backend
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    running = {}
+    for dev in devices:
+        device = torch.device(dev)
+        row = {}
+        for op in backend.IMPLEMENTATIONS:
+            try:
+                row[op] = backend.select(op, device)
+            except (RuntimeError, ValueError) as e:        # an override that cannot run here
+                row[op] = f"error: {e}"
+        row["unet"] = backend.unet_setting(device)
+        running[dev] = row
+    return {"running": running, "table": backend.table_report()}
 
 
 def cmd_bench(argv) -> int:

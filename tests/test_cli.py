@@ -100,9 +100,24 @@ def test_figures_interpolate_keeps_the_ends_and_noise(short_model_dir):
         figures.from_t(pipe, pair, [3, 20])
 
 
-def test_info(capsys):
+def test_info(capsys, monkeypatch):
+    """info: the build, and what each op runs here with the kernel table behind it, and the
+    DDPM_FAST_* settings in force (an override that cannot run here is shown, not raised)."""
+    from ddpm_fast.ops.backend import IMPLEMENTATIONS, UNET_SETTINGS
+
     code, out, _ = run(capsys, "info")
-    assert code == 0 and json.loads(out)["native"]["native"] is True
+    info = json.loads(out)
+    assert code == 0 and info["native"]["native"] is True
+    running = info["kernels"]["running"]["cpu"]
+    assert all(running[op] in impls for op, impls in IMPLEMENTATIONS.items())
+    assert running["unet"] in UNET_SETTINGS
+    assert all(row["evidence"] for row in info["kernels"]["table"])
+    monkeypatch.setenv("DDPM_FAST_BACKEND", "torch")
+    monkeypatch.setenv("DDPM_FAST_CONV_SPLITK", "0")
+    code, out, _ = run(capsys, "info")
+    info = json.loads(out)
+    assert set(info["kernels"]["running"]["cpu"].values()) == {"torch", running["unet"]}
+    assert info["settings"]["DDPM_FAST_CONV_SPLITK"] == "0"
 
 
 def test_train_then_sample(tmp_path, capsys):
