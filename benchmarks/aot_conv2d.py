@@ -1,6 +1,7 @@
 """Compile the fused-conv Triton kernel for a GPU without one (sm_90 by default) and report, per
-CIFAR-10 U-Net layer kind (benchmarks/conv2d_layers.py), what decides its speed: registers, spills, shared memory, whether the
-dot became wgmma. Run in a process *without* TRITON_INTERPRET.
+U-Net layer kind (CIFAR-10's or the 256-px model's, benchmarks/conv2d_layers.py), what decides
+its speed: registers, spills, shared memory, whether the dot became wgmma. Run in a process
+*without* TRITON_INTERPRET.
 
 The launcher runs as in sampling (same tile choice, same argument list) on meta tensors; its
 kernel call is recorded and compiled ahead of time with the JIT's own specialisations (integers

@@ -1,7 +1,7 @@
 """The fused conv2d op per U-Net layer kind (CIFAR-10's, or --layers 256) against what stock
-PyTorch runs for the same math: eager (GroupNorm → SiLU → cuDNN conv → adds), and with --with-compile torch.compile of it
-(Inductor fuses the norm and the adds around cuDNN's convolution). bf16, channels_last, CUDA-graph
-replays timed.
+PyTorch runs for the same math: eager (GroupNorm → SiLU → cuDNN conv → adds), and with
+--with-compile torch.compile of it (Inductor fuses the norm and the adds around cuDNN's
+convolution). bf16, channels_last, CUDA-graph replays timed.
 
     python benchmarks/conv2d_layers.py --device cuda --batch 1 64 256
     python benchmarks/conv2d_layers.py --device cuda --layers 256 --batch 4

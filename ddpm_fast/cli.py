@@ -391,7 +391,10 @@ def kernel_report() -> dict:
                 row[op] = backend.select(op, device)
             except (RuntimeError, ValueError) as e:        # an override that cannot run here
                 row[op] = f"error: {e}"
-        row["unet"] = backend.unet_setting(device)
+        row["unet"] = backend.unet_setting(device)          # any batch size
+        limits = [c.max_batch for c in backend.UNET_TABLE.get(dev, ()) if c.max_batch]
+        if limits:                                          # smaller batches' own settings
+            row["unet_up_to_batch"] = {n: backend.unet_setting(device, n) for n in limits}
         running[dev] = row
     return {"running": running, "table": backend.table_report()}
 

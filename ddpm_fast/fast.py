@@ -12,6 +12,9 @@
   the same Philox noise, still no host sync, so still one graph).
 - On CUDA one step (U-Net + update + step-index increment) is captured once per batch shape as a
   CUDA graph and replayed for every step; nothing touches the host inside the loop.
+- The U-Net's kernels are the kernel table's choice for the device and the batch size
+  (ops/backend.py UNET_TABLE): where one setting wins at small batches and another at large
+  ones, each batch size runs its own variant of the model, built at its first use.
 - cuDNN's benchmark mode is on while the runner works on CUDA: a run repeats the same
   convolution shapes hundreds of times, so timing the candidate algorithms once (at warm-up,
   before capture) is paid back many times. The global flag is restored afterwards. Timing can
@@ -29,7 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ops.backend import UNET_SETTINGS, unet_setting
+from .ops.backend import UNET_SETTINGS, UNET_TABLE, unet_setting
 from .ops.ddpm_step import ddpm_step_general, ddpm_step_out
 from .ops.philox import key_tensor, philox_normal
 from .sampling import WATCH_EVERY, check_finite
@@ -167,6 +170,8 @@ class FastRunner:
                  channels_last: Optional[bool] = None, use_graphs: Optional[bool] = None,
                  compile: Optional[bool] = None, kernels: Optional[str] = None,
                  autotune_convs: Optional[bool] = None):
+        if kernels is not None and kernels not in UNET_SETTINGS:
+            raise ValueError(f"kernels must be one of {tuple(UNET_SETTINGS)}, got {kernels!r}")
         device = torch.device(device or unet.device)
         on_gpu = device.type == "cuda"
         self.device = device
@@ -183,53 +188,84 @@ class FastRunner:
         if self.use_graphs and not on_gpu:
             raise ValueError("CUDA graphs need a CUDA device")
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.unet = copy.deepcopy(unet).to(device=device, dtype=self.dtype,
-                                           memory_format=self.memory_format).eval()
-        self.unet.fuse_qkv()      # one GEMM per attention block for q, k and v
-        # The U-Net setting: `kernels` (a key of backend.UNET_SETTINGS), else the kernel
-        # table's choice for this device with the measurements behind it (ops/backend.py). An
-        # explicit compile=True leaves the torch ops to Inductor; compile=False instead of the
-        # table's Inductor runs our fused kernels eagerly.
-        if kernels is not None and kernels not in UNET_SETTINGS:
-            raise ValueError(f"kernels must be one of {tuple(UNET_SETTINGS)}, got {kernels!r}")
-        setting = kernels or unet_setting(device)
+        base = copy.deepcopy(unet).to(device=device, dtype=self.dtype,
+                                      memory_format=self.memory_format).eval()
+        base.fuse_qkv()           # one GEMM per attention block for q, k and v
+        # The U-Net setting: `kernels` (a key of backend.UNET_SETTINGS) for every batch, else
+        # the kernel table's choice for this device and batch size with the measurements behind
+        # it (ops/backend.py). An explicit compile=True leaves the torch ops to Inductor;
+        # compile=False instead of the table's Inductor runs our fused kernels eagerly.
+        self._kernels, self._compile = kernels, compile
+        # a pristine copy to build other batch sizes' variants from, when the table has them
+        per_batch = kernels is None and compile is None and \
+            len(UNET_TABLE.get(device.type, ())) > 1
+        self._pristine = copy.deepcopy(base) if per_batch else None
+        key = self._variant_key(None)
+        self.setting = key[0]
+        self._variants = {key: self._build(base, *key)}
+        self.unet, self.model = self._variants[key]       # the any-batch variant
+        self._graphs: dict = {}
+
+    def _variant_key(self, batch: Optional[int]) -> tuple[str, bool]:
+        """(setting, torch.compile) for `batch` images (None: the table's any-batch entry)."""
+        setting = self._kernels or unet_setting(self.device, batch)
+        compile = self._compile
         if compile is None:
             compile = UNET_SETTINGS[setting][2]
-        if kernels is None:
+        if self._kernels is None:
             setting = "inductor" if compile else ("fused" if setting == "inductor" else setting)
+        return setting, compile
+
+    def _build(self, unet: UNet2DModel, setting: str, compile: bool):
+        """(U-Net with the setting's kernels and weight layouts, what calls it: itself or its
+        torch.compile) — made from `unet` in place."""
         unet_kernels, attention_kernels, _ = UNET_SETTINGS[setting]
-        self.setting = setting
-        if device.type == "cpu" and not compile and setting != "conv" and \
+        if self.device.type == "cpu" and not compile and setting != "conv" and \
                 mkldnn_packing_available():
             # oneDNN reorders a convolution's weight at every call unless it is prepacked:
             # measured 1.14x per CIFAR-10 step at batch 1 (bf16, 2-core CPU), 1.03x at batch 8
-            pack_convolutions(self.unet)
-        self.unet.set_kernels(unet_kernels, attention=attention_kernels)
+            pack_convolutions(unet)
+        unet.set_kernels(unet_kernels, attention=attention_kernels)
         if setting == "conv":
-            gemm_layout(self.unet)
-        for norm in self.unet.fused_norms():      # the op's fp32 affine: cast once, not per call
+            gemm_layout(unet)
+        for norm in unet.fused_norms():           # the op's fp32 affine: cast once, not per call
             norm.float()
-        self.model = torch.compile(self.unet, fullgraph=True) if compile else self.unet
-        self._graphs: dict = {}
+        return unet, torch.compile(unet, fullgraph=True) if compile else unet
 
-    def _unet(self, x: torch.Tensor, temb: TimeProjections) -> torch.Tensor:
+    def variant(self, batch: int) -> tuple[str, bool]:
+        """The key of the model variant that runs `batch` images, built at its first use."""
+        key = self._variant_key(batch)
+        if key not in self._variants:
+            if self._pristine is None:      # one setting for all batches when built
+                return next(iter(self._variants))
+            self._variants[key] = self._build(copy.deepcopy(self._pristine), *key)
+        return key
+
+    def variant_unet(self, batch: int) -> UNet2DModel:
+        return self._variants[self.variant(batch)][0]
+
+    def _unet(self, x: torch.Tensor, temb: TimeProjections, key: tuple) -> torch.Tensor:
+        unet, model = self._variants[key]
         try:
-            return self.model(x, None, temb=temb)
+            return model(x, None, temb=temb)
         except Exception as e:       # Inductor failed (at the first, warm-up call): go eager
-            if self.model is self.unet:
+            if model is unet:
                 raise
             warnings.warn(f"torch.compile of the U-Net failed ({type(e).__name__}: {e}); "
                           "using the eager U-Net with the fused kernels")
-            self._eager_fallback()
-            return self.model(x, None, temb=temb)
+            self._eager_fallback(key)
+            return unet(x, None, temb=temb)
 
-    def _eager_fallback(self) -> None:
+    def _eager_fallback(self, key: tuple) -> None:
         """The eager U-Net with our fused kernels, not the reference ops that compile chose
         (those were left for Inductor to fuse)."""
-        self.unet.set_kernels("fused")
-        for norm in self.unet.fused_norms():
+        unet = self._variants[key][0]
+        unet.set_kernels("fused")
+        for norm in unet.fused_norms():
             norm.float()
-        self.model = self.unet
+        self._variants[key] = (unet, unet)
+        if unet is self.unet:
+            self.model = unet
 
     # ------------------------------------------------------------------ tables
     @torch.no_grad()
@@ -245,7 +281,7 @@ class FastRunner:
         temb = TimeProjections(state["temb"].index_select(0, step))   # [1, Σ C], broadcast
         # one kernel: cast to the model dtype straight into the model's memory format
         inp = x.to(dtype=self.dtype, memory_format=self.memory_format)
-        eps = self._unet(inp, temb)
+        eps = self._unet(inp, temb, state["variant"])
         threshold, variance = state["rule"]
         if threshold is None and variance is None:     # the common case: the fused kernel
             ddpm_step_out(x, x, eps, state["coef"], step, state["key"], None, state["clip"])
@@ -259,7 +295,8 @@ class FastRunner:
         return {"x": torch.zeros(batch, c.in_channels, c.sample_size, c.sample_size,
                                  device=self.device),
                 "step": torch.zeros(1, dtype=torch.int64, device=self.device),
-                "coef": coef, "temb": temb, "key": key, "clip": clip, "rule": rule}
+                "coef": coef, "temb": temb, "key": key, "clip": clip, "rule": rule,
+                "variant": self.variant(batch)}
 
     def _warm_up(self, state: dict) -> None:
         """Two steps before capture (allocator, cuDNN plans, compilation), each from row 0 so

@@ -14,8 +14,11 @@ def test_every_op_has_a_justified_choice_per_device():
             choice = TABLE[(op, device)]
             assert choice.impl in impls, (op, device)
             assert len(choice.evidence) > 20, (op, device)
-    for device, choice in UNET_TABLE.items():
-        assert choice.impl in UNET_SETTINGS and choice.evidence
+    for device, rules in UNET_TABLE.items():
+        assert all(c.impl in UNET_SETTINGS and c.evidence for c in rules)
+        # ascending batch limits, the last entry serving any batch
+        limits = [c.max_batch for c in rules]
+        assert limits[-1] is None and limits[:-1] == sorted(limits[:-1]), (device, limits)
     assert {r["op"] for r in backend.table_report()} == set(IMPLEMENTATIONS) | {"unet"}
 
 
@@ -51,7 +54,7 @@ def test_fast_runner_reads_the_unet_setting(monkeypatch):
     from ddpm_fast.unet import UNet2DModel
 
     unet = UNet2DModel("tiny").eval()
-    monkeypatch.setitem(UNET_TABLE, "cpu", Choice("conv", "test"))
+    monkeypatch.setitem(UNET_TABLE, "cpu", (Choice("conv", "test"),))
     runner = FastRunner(unet, "cpu", dtype=torch.float32)
     assert runner.setting == "conv" and runner.unet.kernels == "conv"
     assert FastRunner(unet, "cpu", dtype=torch.float32, kernels="reference").unet.kernels == \
@@ -96,3 +99,32 @@ def test_every_environment_variable_is_documented():
                                 re.MULTILINE))
     assert "DDPM_FAST_CONV_SPLITK" in read
     assert read - {"DDPM_FAST_WITH_CUDA"} <= documented, read - documented
+
+
+def test_fast_runner_picks_the_unet_setting_per_batch(monkeypatch):
+    """A table entry with max_batch serves batches up to it: here "conv" for one or two images,
+    the reference kernels above. Each batch size's graph (or eager step) runs its own variant of
+    the model, built once, and the images are the reference runner's either way; explicit
+    kernels hold for every batch."""
+    from ddpm_fast.fast import FastRunner
+    from ddpm_fast.schedule import Schedule
+    from ddpm_fast.unet import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel("tiny").eval()
+    monkeypatch.setitem(UNET_TABLE, "cpu", (Choice("conv", "test", max_batch=2),
+                                            Choice("reference", "test")))
+    assert unet_setting(torch.device("cpu"), 2) == "conv"
+    assert unet_setting(torch.device("cpu"), 3) == unet_setting(torch.device("cpu")) == "reference"
+    runner = FastRunner(unet, "cpu", dtype=torch.float32)
+    assert runner.setting == "reference" and runner.unet.kernels == "reference"
+    assert runner.variant_unet(1).kernels == "conv" and runner.variant_unet(3) is runner.unet
+    assert runner.variant_unet(2) is runner.variant_unet(1)          # built once
+    s = Schedule.linear()
+    ts = s.timesteps(100)[-2:]
+    table = s.step_table(ts)
+    reference = FastRunner(unet, "cpu", dtype=torch.float32, kernels="reference")
+    for batch in (1, 3):
+        got, want = runner.sample(table, ts, batch, seed=4), reference.sample(table, ts, batch, 4)
+        assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), batch
+    assert reference.variant_unet(1) is reference.unet            # explicit: one variant

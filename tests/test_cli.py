@@ -118,6 +118,12 @@ def test_info(capsys, monkeypatch):
     info = json.loads(out)
     assert set(info["kernels"]["running"]["cpu"].values()) == {"torch", running["unet"]}
     assert info["settings"]["DDPM_FAST_CONV_SPLITK"] == "0"
+    from ddpm_fast.ops.backend import UNET_TABLE, Choice
+
+    monkeypatch.setitem(UNET_TABLE, "cpu", (Choice("conv", "test", 4), Choice("fused", "test")))
+    code, out, _ = run(capsys, "info")
+    running = json.loads(out)["kernels"]["running"]["cpu"]
+    assert running["unet"] == "fused" and running["unet_up_to_batch"] == {"4": "conv"}
 
 
 def test_train_then_sample(tmp_path, capsys):

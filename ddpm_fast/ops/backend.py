@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -24,6 +24,7 @@ _override: list[str] = []
 class Choice(NamedTuple):
     impl: str
     evidence: str        # the measurement that chose it (results JSON under benchmarks/)
+    max_batch: Optional[int] = None     # UNET_TABLE: the largest batch it serves (None: any)
 
 
 H100_KERNELS = "benchmarks/results/kernels_NVIDIA_H100_80GB_HBM3_2026-11-25.json"
@@ -63,14 +64,16 @@ TABLE = {
     ("conv2d", "cpu"): Choice("torch", "oneDNN convolutions; the interpreter is for tests only"),
 }
 
-# device type → the fast runner's U-Net setting (see UNET_SETTINGS)
+# device type → the fast runner's U-Net setting (see UNET_SETTINGS) by batch size: the first
+# entry whose max_batch covers the batch, the last serving any (a setting that wins at batch 1
+# can lose at 256: each batch's CUDA graph then runs its own variant of the model)
 UNET_TABLE = {
-    "cuda": Choice("inductor", f"H100: 2.05x / 1.40x / 1.44x stock torch.compile at batch "
-                               f"1 / 64 / 256, eager fused kernels 1.7-2.5x slower "
-                               f"({H100_THROUGHPUT}); 'conv' not yet measured"),
-    "cpu": Choice("fused-norms", f"2-core Zen 4: C++ GroupNorm in the ResBlocks 1.06x per step "
-                                 f"at batch 8, fused attention 1.07x slower at batch 1 "
-                                 f"({CPU_THROUGHPUT})"),
+    "cuda": (Choice("inductor", f"H100: 2.05x / 1.40x / 1.44x stock torch.compile at batch "
+                                f"1 / 64 / 256, eager fused kernels 1.7-2.5x slower "
+                                f"({H100_THROUGHPUT}); 'conv' not yet measured"),),
+    "cpu": (Choice("fused-norms", f"2-core Zen 4: C++ GroupNorm in the ResBlocks 1.06x per step "
+                                  f"at batch 8, fused attention 1.07x slower at batch 1 "
+                                  f"({CPU_THROUGHPUT})"),),
 }
 # setting → (U-Net kernels, attention kernels, torch.compile)
 UNET_SETTINGS = {
@@ -158,11 +161,18 @@ def select(op: str, device: torch.device) -> str:
     return name
 
 
-def unet_setting(device: torch.device) -> str:
-    """The fast runner's default U-Net setting on `device` (a key of UNET_SETTINGS), with the
-    fallbacks when the table's choice cannot run here: no Triton → our eager fused kernels,
-    no native module → torch's ops."""
-    setting = UNET_TABLE.get(device.type, Choice("reference", "no measurement")).impl
+def unet_choice(device_type: str, batch: Optional[int] = None) -> Choice:
+    """UNET_TABLE's entry for a batch size (None: the entry serving any batch)."""
+    rules = UNET_TABLE.get(device_type, (Choice("reference", "no measurement"),))
+    return next((c for c in rules if batch is not None and c.max_batch is not None
+                 and batch <= c.max_batch), rules[-1])
+
+
+def unet_setting(device: torch.device, batch: Optional[int] = None) -> str:
+    """The fast runner's default U-Net setting on `device` for `batch` images (a key of
+    UNET_SETTINGS), with the fallbacks when the table's choice cannot run here: no Triton →
+    our eager fused kernels, no native module → torch's ops."""
+    setting = unet_choice(device.type, batch).impl
     if setting == "inductor" and not triton_available(device):
         setting = "fused"
     if setting == "conv" and not triton_available(device):
@@ -177,6 +187,6 @@ def table_report() -> list[dict]:
     """Every entry with its evidence, for `ddpm-fast info` and the docs."""
     rows = [{"op": op, "device": dev, "impl": c.impl, "evidence": c.evidence}
             for (op, dev), c in TABLE.items()]
-    rows += [{"op": "unet", "device": dev, "impl": c.impl, "evidence": c.evidence}
-             for dev, c in UNET_TABLE.items()]
+    rows += [{"op": "unet", "device": dev, "impl": c.impl, "evidence": c.evidence,
+              "max_batch": c.max_batch} for dev, rules in UNET_TABLE.items() for c in rules]
     return rows

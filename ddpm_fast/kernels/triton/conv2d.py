@@ -462,8 +462,9 @@ _TICKETS: dict = {}
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
     """Ticket counters (per image for the group finish, per output tile for split-K), zero
-    between launches (the last program to take one resets it). One buffer per device, shared by launches in stream order; grown, never shrunk, and
-    first made outside CUDA-graph capture by the runner's eager warm-up run."""
+    between launches (the last program to take one resets it). One buffer per device, shared
+    by launches in stream order; grown, never shrunk, and first made outside CUDA-graph
+    capture by the runner's eager warm-up run."""
     buf = _TICKETS.get(device)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
