@@ -126,6 +126,9 @@ for stage in "${STAGES[@]}"; do
             --out "benchmarks/results/sample_throughput_conv_${GPU}_$(date +%F).json" \
             > "$OUT/throughput_conv.log" 2>&1 || status=1
         tail -22 "$OUT/throughput_conv.log"
+        python3 benchmarks/decide_unet.py \
+            "benchmarks/results/sample_throughput_conv_${GPU}_$(date +%F).json" \
+            | tee "$OUT/decide_unet.txt"        # the UNET_TABLE entries these numbers give
         ;;
     conv-256)
         step "sample throughput, 256 px, batch 4"

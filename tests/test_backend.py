@@ -128,3 +128,32 @@ def test_fast_runner_picks_the_unet_setting_per_batch(monkeypatch):
         got, want = runner.sample(table, ts, batch, seed=4), reference.sample(table, ts, batch, 4)
         assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), batch
     assert reference.variant_unet(1) is reference.unet            # explicit: one variant
+
+
+def test_decide_unet_writes_entries_the_table_reads(monkeypatch, tmp_path, capsys):
+    """benchmarks/decide_unet.py: per batch the faster of fast-inductor and fast-conv; its
+    UNET_TABLE entries, put in the table, give each measured batch its winner."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.decide_unet import best_per_batch, main, table_entries
+
+    ms = {1: (1.10, 0.45), 16: (1.6, 0.9), 64: (3.46, 3.6), 256: (10.7, 12.0)}   # inductor, conv
+    rows = [{"provider": p, "config": "cifar10", "batch": b, "step_ms_median": t}
+            for b, pair in ms.items() for p, t in zip(("fast-inductor", "fast-conv"), pair)]
+    rows.append({"provider": "fast-conv", "config": "cifar10", "batch": 512, "error": "OOM"})
+    best = best_per_batch(rows, "cifar10")
+    assert {b: v["setting"] for b, v in best.items()} == {1: "conv", 16: "conv", 64: "inductor",
+                                                         256: "inductor"}
+    entries = table_entries(best, "test")
+    assert entries == [("conv", 16, "test"), ("inductor", None, "test")]
+    monkeypatch.setitem(UNET_TABLE, "cuda", tuple(Choice(s, e, m) for s, m, e in entries))
+    from ddpm_fast.ops.backend import unet_choice
+
+    assert all(unet_choice("cuda", b).impl == v["setting"] for b, v in best.items())
+    out = tmp_path / "t.json"
+    out.write_text(json.dumps({"environment": {"device": "GPU X"}, "results": rows}))
+    assert main([str(out)]) == 0
+    assert "Choice('conv', 'GPU X: " in capsys.readouterr().out
