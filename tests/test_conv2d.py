@@ -471,10 +471,10 @@ def test_tile_autotune_times_each_candidate_once(monkeypatch):
                                   "temb_broadcast_residual"])
 def test_split_k_equals_reference(name, monkeypatch):
     """Split-K (the batch-1 low-resolution layers on a GPU), forced here to 3 splits with
-    16×16×16 tiles, so that splits end mid-tap, one covers the end of the main loop and the
-    1×1 shortcut, and the shortcut case's 28 steps split unevenly: the output, its
-    statistics and the producer-finished groups equal the torch reference's; every split and
-    group ticket is zero again after the launch."""
+    16×16×16 tiles: in the shortcut case 9 taps × 5 channel chunks + 5 shortcut chunks = 50
+    steps split 17 / 17 / 16, so splits end mid-tap and the last covers the main loop's end and
+    the whole 1×1 shortcut. The output, its statistics and the producer-finished groups equal
+    the torch reference's; every split and group ticket is zero again after the launch."""
     from ddpm_fast.kernels.triton import conv2d as triton_conv
 
     monkeypatch.setattr(triton_conv, "tile_config", lambda *a: (16, 16, 16, 4, 1))
