@@ -81,6 +81,18 @@ def resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in fields.items()}
 
 
+def sass_counts(cubin: bytes) -> dict:
+    """Static counts of the SASS instructions that bound the prologue: MUFU (the special-
+    function unit: ex2, rcp, tanh, rsq; 16 results per clock per SM against 2048 bf16 MACs)."""
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    return {"mufu": len(re.findall(r"\bMUFU\.", sass))}
+
+
 def launcher_args(args: dict) -> dict:
     """The op's keyword arguments (benchmarks/conv2d_layers.make_inputs) as the launcher's, as
     the "conv" U-Net calls it: the norm from its producer's finished group statistics; y's group
@@ -136,7 +148,9 @@ def compile_layer(layer, batch: int, arch: int) -> dict:
             "compile_s": round(time.perf_counter() - start, 2),
             "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
             "griddepcontrol": ptx.count("griddepcontrol"),
-            "shared_bytes": compiled.metadata.shared, **resource_usage(compiled.asm["cubin"])}
+            "tanh_approx": ptx.count("tanh.approx"),
+            "shared_bytes": compiled.metadata.shared, **resource_usage(compiled.asm["cubin"]),
+            **sass_counts(compiled.asm["cubin"])}
 
 
 def main(argv=None) -> int:
@@ -153,6 +167,7 @@ def main(argv=None) -> int:
         r = rows[name]
         print(f"{name:42s} tile {r['tile']} grid {r['grid']} reg {r.get('reg')} "
               f"stack {r.get('stack')} shared {r['shared_bytes']} wgmma {r['wgmma']} "
+              f"mufu {r['mufu']} "
               f"({r['compile_s']} s)")
     if a.out:
         a.out.write_text(json.dumps({"arch": a.arch, "batch": a.batch, "triton": triton.__version__,

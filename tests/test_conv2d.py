@@ -213,6 +213,8 @@ def test_compiles_for_hopper_without_spills(tmp_path, layers, batch):
         assert r["stack"] == 0 and r["local"] == 0, f"{name} spills: {r}"
         if r["tile"][0] * r["tile"][1] >= 64 * 64:
             assert r["wgmma"] > 0, f"{name} has no wgmma: {r}"
+        # SiLU in the prologue: one tanh.approx an element, not ex2 + rcp (see _silu)
+        assert (r["tanh_approx"] > 0) == LAYER_SETS[layers][name].norm, f"{name}: {r}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,7 +6,10 @@ program (grid axis 2), so the per-(image, channel) norm scale/shift and temb are
 
 Prologue (registers, before the dot): the A tile is gathered from x (or from skip for the channels
 past x's), transformed u·scale + shift → SiLU, then zeroed where the tap falls in the padding —
-after the SiLU, since silu(shift) ≠ 0. Upsampling reads pixel (ih // 2, iw // 2).
+after the SiLU, since silu(shift) ≠ 0. Upsampling reads pixel (ih // 2, iw // 2). The prologue
+runs once per gathered element, 9 times per input element in a 3×3, so its special-function ops
+(SiLU's, the norm's rsqrt) compete with the tensor cores: it spends one per element (tanh.approx)
+and one per channel and K step (see _silu, _group_affine; aot_conv2d.py counts them).
 Epilogue (registers, before the store): + bias + temb + residual; the 1×1 shortcut runs as extra
 reduction steps over the raw shortcut input into the same accumulator. With STATS each program
 writes its tile's per-channel (count, mean, M2), two-pass over the fp32 accumulator; with
@@ -51,6 +54,21 @@ def _mma_step(acc, a, w_ptr, k_idx, k_mask, co, co_mask, sw_k, sw_co,
 
 
 @triton.jit
+def _silu(a, FAST: tl.constexpr):
+    """x·σ(x). The prologue applies it to every gathered A element, i.e. 9 times per input
+    element in a 3×3: as x / (1 + eˣ) that is two special-function ops (ex2, rcp) per element,
+    and the special-function units (16 results a clock per SM) then take twice as long as the
+    tensor cores' 2048 MACs a clock on a 128-wide B tile. FAST (16-bit dots on a GPU): σ(x) =
+    ½ + ½·tanh(x/2) with one tanh.approx.f32 (relative error ≈ 2⁻¹¹, below the bf16 rounding
+    the value gets next)."""
+    if FAST:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [a * 0.5],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        return a * (0.5 + 0.5 * t)
+    return a / (1.0 + tl.exp(-a))
+
+
+@triton.jit
 def _conv2d_kernel(
     x_ptr,          # [N, Cx, H, W] any strides sx_*
     skip_ptr,       # [N, Cs, H, W] strides ss_* (read when HAS_SKIP)
@@ -87,7 +105,7 @@ def _conv2d_kernel(
     SC_HAS_SKIP: tl.constexpr, SC_HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
     NORM_FROM_GROUPS: tl.constexpr, GROUP_STATS: tl.constexpr, GROUP_STATS_CAT: tl.constexpr,
     BLOCK_T: tl.constexpr, G_OUT: tl.constexpr, CPG_OUT: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr,
+    IEEE: tl.constexpr, FAST_SILU: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     if PDL:     # let the next kernel launch now; wait for the previous one before any access
@@ -112,6 +130,10 @@ def _conv2d_kernel(
         wu = W
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if NORM_FROM_GROUPS:    # every group of an image counts the same pixels: one division
+        inv_count = 1.0 / tl.load(gin_ptr + n * groups_in * 3)
+    else:
+        inv_count = 1.0
     # One flat reduction loop (what the software pipeliner wants): each step is one tap and
     # BLOCK_K channels of x, or, past x's chunks, of skip (the up blocks' concatenation).
     chunks_x = tl.cdiv(Cx, BLOCK_K)
@@ -170,14 +192,14 @@ def _conv2d_kernel(
             a = a.to(tl.float32)
             if NORM_FROM_GROUPS:   # x's producer finished the groups' statistics
                 sc, sh = _group_affine(gin_ptr, gamma_ptr, beta_ptr, n, c_global, c_mask,
-                                       groups_in, cin // groups_in, eps_in)
+                                       groups_in, cin // groups_in, eps_in, inv_count)
                 a = a * sc[None, :] + sh[None, :]
             elif HAS_NORM:
                 sc = tl.load(scale_ptr + n * cin + c_global, mask=c_mask, other=0.0)
                 sh = tl.load(shift_ptr + n * cin + c_global, mask=c_mask, other=0.0)
                 a = a * sc[None, :] + sh[None, :]
             if SILU:
-                a = a / (1.0 + tl.exp(-a))
+                a = _silu(a, FAST_SILU)
             a = tl.where(a_mask, a, 0.0)                  # padding is zero after the transform
         acc = _mma_step(acc, a, w_ptr + (tap // KW) * sw_h + (tap % KW) * sw_w, c_global,
                         c_mask, co, co_mask, sw_c, sw_co, IEEE)
@@ -271,12 +293,14 @@ def _split_k_sum(acc, ws_ptr, ticket_ptr, tile, split, SPLIT_K: tl.constexpr,
 
 
 @triton.jit
-def _group_affine(g_ptr, gamma_ptr, beta_ptr, n, c, c_mask, groups, cpg, eps):
-    """Per-channel (scale, shift) of GroupNorm from its groups' (count, mean, M2) [N, G, 3]."""
+def _group_affine(g_ptr, gamma_ptr, beta_ptr, n, c, c_mask, groups, cpg, eps, inv_count):
+    """Per-channel (scale, shift) of GroupNorm from its groups' (count, mean, M2) [N, G, 3];
+    inv_count: 1 / the groups' pixel count (the same for every group of an image, since a
+    GroupNorm's groups hold equally many channels), computed once per program: with rsqrt
+    that is one special-function op per channel and K step instead of three."""
     g = g_ptr + (n * groups + c // cpg) * 3
-    count = tl.load(g, mask=c_mask, other=1.0)
     mean = tl.load(g + 1, mask=c_mask, other=0.0)
-    rstd = 1.0 / tl.sqrt(tl.load(g + 2, mask=c_mask, other=0.0) / count + eps)
+    rstd = tl.math.rsqrt(tl.load(g + 2, mask=c_mask, other=0.0) * inv_count + eps)
     scale = tl.load(gamma_ptr + c, mask=c_mask, other=0.0) * rstd
     return scale, tl.load(beta_ptr + c, mask=c_mask, other=0.0) - mean * scale
 
@@ -542,7 +566,8 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
         HAS_TEMB=temb is not None, HAS_RES=residual is not None, HAS_SC=sc_w is not None,
         SC_HAS_SKIP=sc_skip is not None, SC_HAS_BIAS=sc_b is not None, STATS=return_stats,
         NORM_FROM_GROUPS=group_norm is not None, GROUP_STATS=stats_groups > 0,
-        GROUP_STATS_CAT=stats_cat is not None, IEEE=x.dtype == torch.float32)
+        GROUP_STATS_CAT=stats_cat is not None, IEEE=x.dtype == torch.float32,
+        FAST_SILU=x.dtype != torch.float32 and not INTERPRET and x.device.type != "cpu")
     groups = (torch.empty(n, stats_groups, 3, dtype=torch.float32, device=x.device)
               if stats_groups else None)
 
