@@ -455,6 +455,10 @@ def test_tile_autotune_times_each_candidate_once(monkeypatch):
     cands = triton_conv.tile_candidates(1, 16, 256, 256, torch.bfloat16)
     assert cands[0] == triton_conv.tile_config(1, 16, 256, 256, torch.bfloat16, False)
     assert len(set(cands)) == len(cands) and all(bm <= 32 for bm, *_ in cands)
+    # 128×256 (two stages) only where there are 256 output channels and pixels to fill it
+    assert (128, 256, 64, 8, 2) in triton_conv.tile_candidates(256, 256, 256, 256, torch.bfloat16)
+    assert all(bn <= 128 for _, bn, *_ in triton_conv.tile_candidates(256, 256, 128, 256,
+                                                                      torch.bfloat16))
     timed = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn())
     monkeypatch.setattr(triton_conv, "_TUNED", {})

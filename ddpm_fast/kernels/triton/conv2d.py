@@ -504,7 +504,9 @@ def autotune_enabled() -> bool:
 
 def tile_candidates(batch: int, pixels: int, cout: int, cin: int, dtype: torch.dtype):
     """The heuristic's choice first, then every GPU tile that fits the map (each a compile of its
-    own, a few seconds: hence opt-in)."""
+    own, a few seconds: hence opt-in). For ≥ 256 output channels also 128×256 (two stages: with
+    three it spills), which halves the prologue's special-function work per MAC; at 251-255
+    registers it is a candidate to time, not a default."""
     first = tile_config(batch, pixels, cout, cin, dtype, False)
     out = [first]
     for bm, bn in GPU_TILES:
@@ -513,6 +515,8 @@ def tile_candidates(batch: int, pixels: int, cout: int, cin: int, dtype: torch.d
         cfg = (bm, bn, first[2], 8 if bm * bn >= 128 * 128 else 4, 3)
         if cfg not in out:
             out.append(cfg)
+    if cout >= 256 and pixels >= 128 and dtype != torch.float32:
+        out.append((128, 256, first[2], 8, 2))
     return out
 
 
