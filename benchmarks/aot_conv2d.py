@@ -70,27 +70,25 @@ def specialise(fn, args, kw):
     return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), options
 
 
-def resource_usage(cubin: bytes) -> dict:
+def _cuobjdump(cubin: bytes, *flags: str) -> str:
     tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], check=True,
-                              capture_output=True, text=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+        return subprocess.run([str(tool), *flags, f.name], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)",
+                             _cuobjdump(cubin, "--dump-resource-usage")))
     return {k.lower(): int(v) for k, v in fields.items()}
 
 
 def sass_counts(cubin: bytes) -> dict:
     """Static counts of the SASS instructions that bound the prologue: MUFU (the special-
     function unit: ex2, rcp, tanh, rsq; 16 results per clock per SM against 2048 bf16 MACs)."""
-    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([str(tool), "-sass", f.name], check=True, capture_output=True,
-                              text=True).stdout
-    return {"mufu": len(re.findall(r"\bMUFU\.", sass))}
+    return {"mufu": len(re.findall(r"\bMUFU\.", _cuobjdump(cubin, "-sass")))}
 
 
 def launcher_args(args: dict) -> dict:

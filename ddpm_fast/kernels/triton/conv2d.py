@@ -259,17 +259,25 @@ def _conv2d_kernel(
             tl.store(s + 1, mean, mask=co_mask)
             tl.store(s + 2, m2, mask=co_mask)
             if GROUP_STATS:
-                # Each program takes a ticket after its partials are written (the barrier orders
-                # the CTA's stores before the release); the image's last one merges them all.
-                tl.debug_barrier()
+                # the image's last program to write its partials merges them all
                 img = tl.program_id(2).to(tl.int64)     # re-read: nothing kept live past the loop
                 last = tl.num_programs(0) * (tl.num_programs(1) // SPLIT_K) - 1
-                if tl.atomic_add(ticket_ptr + img, 1, sem="acq_rel") == last:
+                if _arrive(ticket_ptr, img, last):
                     tl.debug_barrier()
                     _finish_groups(stats_ptr, cat_ptr, gout_ptr, img, tl.num_programs(0), Cout,
                                    T_cat, C_cat, groups_out, GROUP_STATS_CAT, BLOCK_T, G_OUT,
                                    CPG_OUT)
                     tl.store(ticket_ptr + img, 0)       # zeros again for the next launch
+
+
+@triton.jit
+def _arrive(ticket_ptr, idx, last):
+    """Take a ticket on counter idx once this program's stores are done: True for the program
+    that arrives as number `last` (0-based), which may then read every other arriver's stores.
+    The barrier orders all of the CTA's stores before the release; the acquire side's barrier
+    is the caller's, inside its `if`, before it reads; the caller also resets the counter."""
+    tl.debug_barrier()
+    return tl.atomic_add(ticket_ptr + idx, 1, sem="acq_rel") == last
 
 
 @triton.jit
@@ -281,8 +289,7 @@ def _split_k_sum(acc, ws_ptr, ticket_ptr, tile, split, SPLIT_K: tl.constexpr,
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     base = ws_ptr + tile * (SPLIT_K * BLOCK_M * BLOCK_N)
     tl.store(base + split * (BLOCK_M * BLOCK_N) + offs, acc)
-    tl.debug_barrier()      # the whole tile is stored before the release
-    last = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+    last = _arrive(ticket_ptr, tile, SPLIT_K - 1)
     if last:
         tl.debug_barrier()
         acc = tl.load(base + offs, cache_modifier=".cg")
@@ -454,12 +461,18 @@ def tile_config(batch: int, pixels: int, cout: int, cin: int, dtype: torch.dtype
         return (_pow2_at_least(pixels, 16, 128), _pow2_at_least(cout, 16, 128),
                 _pow2_at_least(cin, 16, 64), 4, 1)
     bk = min(64 if dtype != torch.float32 else 32, _pow2_at_least(cin, 16, 64))
-    for bm, bn in GPU_TILES:
-        bm = min(bm, max(32, triton.next_power_of_2(pixels)))    # no idle rows on small maps
-        bn = min(bn, max(16, triton.next_power_of_2(cout)))      # nor idle columns (conv_out)
+    for tile in GPU_TILES:
+        bm, bn = _fit_tile(tile, pixels, cout)
         if batch * triton.cdiv(pixels, bm) * triton.cdiv(cout, bn) >= GPU_PROGRAMS:
             break
     return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3
+
+
+def _fit_tile(tile, pixels: int, cout: int) -> tuple[int, int]:
+    """A (BLOCK_M, BLOCK_N) cut to the layer: no idle rows on small maps, nor idle columns
+    (conv_out's 3 channels)."""
+    return (min(tile[0], max(32, triton.next_power_of_2(pixels))),
+            min(tile[1], max(16, triton.next_power_of_2(cout))))
 
 
 def split_k(programs: int, steps: int, interpret: bool) -> int:
@@ -509,9 +522,8 @@ def tile_candidates(batch: int, pixels: int, cout: int, cin: int, dtype: torch.d
     registers it is a candidate to time, not a default."""
     first = tile_config(batch, pixels, cout, cin, dtype, False)
     out = [first]
-    for bm, bn in GPU_TILES:
-        bm = min(bm, max(32, triton.next_power_of_2(pixels)))
-        bn = min(bn, max(16, triton.next_power_of_2(cout)))
+    for tile in GPU_TILES:
+        bm, bn = _fit_tile(tile, pixels, cout)
         cfg = (bm, bn, first[2], 8 if bm * bn >= 128 * 128 else 4, 3)
         if cfg not in out:
             out.append(cfg)
@@ -544,6 +556,7 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
     n, cx, h, w = x.shape
     cout, _, kh, kw = weight.shape
     ho, wo = y.shape[2:]
+    interpret = INTERPRET or x.device.type == "cpu"
     cs = 0 if skip is None else skip.shape[1]
     sc_x, sc_skip, sc_w, sc_b = shortcut if shortcut is not None else (None,) * 4
     cscx = 0 if sc_x is None else sc_x.shape[1]
@@ -571,7 +584,7 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
         SC_HAS_SKIP=sc_skip is not None, SC_HAS_BIAS=sc_b is not None, STATS=return_stats,
         NORM_FROM_GROUPS=group_norm is not None, GROUP_STATS=stats_groups > 0,
         GROUP_STATS_CAT=stats_cat is not None, IEEE=x.dtype == torch.float32,
-        FAST_SILU=x.dtype != torch.float32 and not INTERPRET and x.device.type != "cpu")
+        FAST_SILU=x.dtype != torch.float32 and not interpret)
     groups = (torch.empty(n, stats_groups, 3, dtype=torch.float32, device=x.device)
               if stats_groups else None)
 
@@ -588,8 +601,8 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
                  if return_stats else None)
         steps = (kh * kw * (triton.cdiv(cx, bk) + triton.cdiv(cs, bk))
                  + triton.cdiv(cscx, bk) + triton.cdiv(cscs, bk))
-        splits = split_k(n * tiles_m * tiles_n, steps, INTERPRET or x.device.type == "cpu")
         tiles = n * tiles_m * tiles_n
+        splits = split_k(tiles, steps, interpret)
         # one zeroed counter buffer: [0, n) the images' group tickets, then the tiles' splits
         tickets = _tickets(x.device, n + (tiles if splits > 1 else 0))
         ws = (torch.empty(tiles * splits * bm * bn, dtype=torch.float32, device=x.device)
@@ -619,7 +632,7 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
         return stats
 
     cin = max(cx, cs, cscx, cscs)
-    cfg = tile_config(n, ho * wo, cout, cin, x.dtype, INTERPRET or x.device.type == "cpu")
+    cfg = tile_config(n, ho * wo, cout, cin, x.dtype, interpret)
     if autotune_enabled() and x.device.type == "cuda":
         key = (n, cx, cs, h, w, cout, kh, stride, cscx, cscs, x.dtype,
                tuple(sorted(flags.items())))
