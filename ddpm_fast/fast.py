@@ -200,11 +200,16 @@ class FastRunner:
         per_batch = kernels is None and compile is None and \
             len(UNET_TABLE.get(device.type, ())) > 1
         self._pristine = copy.deepcopy(base) if per_batch else None
-        key = self._variant_key(None)
-        self.setting = key[0]
-        self._variants = {key: self._build(base, *key)}
-        self.unet, self.model = self._variants[key]       # the any-batch variant
+        self._default = self._variant_key(None)            # the any-batch variant
+        self.setting = self._default[0]
+        self._variants = {self._default: self._build(base, *self._default)}
+        self.unet = self._variants[self._default][0]
         self._graphs: dict = {}
+
+    @property
+    def model(self):
+        """What calls the any-batch variant's U-Net: itself, or its torch.compile."""
+        return self._variants[self._default][1]
 
     def _variant_key(self, batch: Optional[int]) -> tuple[str, bool]:
         """(setting, torch.compile) for `batch` images (None: the table's any-batch entry)."""
@@ -237,7 +242,7 @@ class FastRunner:
         key = self._variant_key(batch)
         if key not in self._variants:
             if self._pristine is None:      # one setting for all batches when built
-                return next(iter(self._variants))
+                return self._default
             self._variants[key] = self._build(copy.deepcopy(self._pristine), *key)
         return key
 
@@ -264,8 +269,6 @@ class FastRunner:
         for norm in unet.fused_norms():
             norm.float()
         self._variants[key] = (unet, unet)
-        if unet is self.unet:
-            self.model = unet
 
     # ------------------------------------------------------------------ tables
     @torch.no_grad()
