@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -213,7 +214,8 @@ def read_unet_weights(path: str | os.PathLike, sample_size: int | None = None,
                       weights: str = "ema") -> tuple[dict, dict, Path]:
     """(config dict, state dict in diffusers names, weights file) from any supported source:
     a diffusers folder (pipeline or model), one of our training runs, or an original DDPM
-    checkpoint file (converted; `sample_size` overrides the guessed resolution). `weights`:
+    checkpoint file (converted). `sample_size` replaces the source's image size (an original
+    checkpoint's is guessed from its depth; a folder's config.json may lack it). `weights`:
     "ema" (default) takes the EMA weights where the source holds both (a training run of ours,
     a DDIM-repository checkpoint list), "raw" the trained weights themselves. See
     read_unet_weights_info for which were taken."""
@@ -224,6 +226,13 @@ def read_unet_weights(path: str | os.PathLike, sample_size: int | None = None,
 def read_unet_weights_info(path: str | os.PathLike, sample_size: int | None = None,
                            weights: str = "ema") -> tuple[dict, dict, Path, str]:
     """read_unet_weights, plus which weights were taken, in words."""
+    config, sd, source, taken = _read_unet_weights_info(path, sample_size, weights)
+    if sample_size is not None:      # the U-Net is convolutional: any multiple of its downsampling
+        config = {**config, "sample_size": sample_size}
+    return config, sd, source, taken
+
+
+def _read_unet_weights_info(path, sample_size, weights):
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
     p = Path(path)
@@ -265,9 +274,20 @@ def load_unet(path: str | os.PathLike, device="cpu", dtype=torch.float32,
     return model
 
 
+# What a folder without any scheduler config (a bare U-Net folder, as diffusers' save_pretrained
+# writes unet/) is sampled with, said in the warning and by `ddpm-fast info`.
+ASSUMED_SCHEDULER = ("no scheduler config here (no scheduler/scheduler_config.json, no "
+                     "model_index.json naming one): assuming DDPMScheduler's defaults (1000 linear "
+                     "betas 1e-4 to 0.02, fixed_small variance, epsilon prediction, clip_sample); "
+                     "put the model's scheduler_config.json beside config.json if it was trained "
+                     "otherwise")
+
+
 def load_scheduler_config(path: str | os.PathLike) -> dict:
-    """scheduler/scheduler_config.json of a pipeline folder, or the DDPM defaults if absent.
-    The scheduler class is the one model_index.json names (diffusers builds that class from the
+    """scheduler/scheduler_config.json of a pipeline folder (or scheduler_config.json beside
+    the U-Net's files). A folder whose model_index.json names a scheduler without its config is
+    refused (diffusers refuses it); a bare U-Net folder gets DDPMScheduler's defaults, with a
+    warning that says so (ASSUMED_SCHEDULER). The scheduler class is the one model_index.json names (diffusers builds that class from the
     config), else the config's _class_name: a DDPMScheduler or a DDIMScheduler, written into the
     returned config's _class_name. Every setting is honoured or refused here
     (schedulers.read_config)."""
@@ -298,11 +318,18 @@ def load_scheduler_config(path: str | os.PathLike) -> dict:
                 raise CheckpointError(f"{index}: scheduler class {index_class!r} is not "
                                       f"supported: ddpm_fast samples with "
                                       f"{' or '.join(SCHEDULER_CLASSES)} settings")
-    source, config = index, dict(DEFAULT_SCHEDULER)
+    source, config = None, None
     for candidate in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json"):
         if candidate.is_file():
             source, config = candidate, _read_json(candidate)
             break
+    if config is None:
+        if index_class is not None:  # diffusers fails to load this folder too
+            raise CheckpointError(f"{index} names the scheduler {index_class}, but "
+                                  f"{p / 'scheduler' / 'scheduler_config.json'} is missing (an "
+                                  "incomplete download or copy?)")
+        warnings.warn(f"{p}: {ASSUMED_SCHEDULER}", stacklevel=2)
+        return dict(DEFAULT_SCHEDULER)
     if index_class is not None and isinstance(config, dict):
         config = {**config, "_class_name": index_class}
     try:

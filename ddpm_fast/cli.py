@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 EXAMPLES = {
@@ -269,14 +270,17 @@ def cmd_train(args) -> int:
 def scheduler_settings(path) -> dict:
     """The scheduler class (_class_name: DDPMScheduler or DDIMScheduler) and every setting a
     model folder's scheduler config gives (defaults filled in), or {"error": why it is refused}."""
-    from .checkpoints import CheckpointError, load_scheduler_config
+    from .checkpoints import ASSUMED_SCHEDULER, CheckpointError, load_scheduler_config
     from .schedulers import describe
 
     try:
-        name, settings, _ = describe(load_scheduler_config(path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            name, settings, _ = describe(load_scheduler_config(path))
     except CheckpointError as e:
         return {"error": str(e)}
-    return {"_class_name": name, **settings}
+    assumed = {"assumed": str(w.message) for w in caught if ASSUMED_SCHEDULER in str(w.message)}
+    return {**assumed, "_class_name": name, **settings}
 
 
 def non_default_settings(config: dict) -> str:
@@ -495,9 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
                    help="ddpm (ancestral) or ddim (default: the model's scheduler: ddim for a "
                    "DDIMScheduler folder, else ddpm)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
+    s.add_argument("--eta", type=float, default=None,
+                   help="DDIM η in [0, 1] (default 0; refused with --sampler ddpm)")
     s.add_argument("--variance", choices=("fixed_small", "fixed_large"), default=None,
-                   help="σ²: β̃_t or β_t (default: the model's scheduler config)")
+                   help="σ²: β̃_t or β_t (default: the model's scheduler config; refused "
+                   "with --sampler ddim)")
     s.add_argument("--mode", choices=("fast", "reference"), default="fast")
     add_flag(s, "--precision", old=("--dtype",), choices=("auto", "fp32", "bf16", "fp16"),
              default="auto", help="fast mode's U-Net precision (auto: bf16 on GPUs and on CPUs "
@@ -587,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a training run folder, or a diffusers folder")
     c.add_argument("--out", required=True, help="pipeline folder to write")
     c.add_argument("--sample-size", type=positive("--sample-size"), default=None,
-                   help="image size for original checkpoints (default: guessed from the depth)")
+                   help="image size written to the config (default: the source's; an original "
+                   "checkpoint's is guessed from its depth)")
     add_flag(c, "--weights-dtype", old=("--dtype",), choices=("fp32", "fp16"), default="fp32",
              help="dtype of the weights written (default fp32)")
     c.add_argument("--raw-weights", action="store_true",

@@ -284,7 +284,8 @@ def run_settings(pipe, call: dict) -> dict:
     c = pipe.unet.config
     settings = {"weights": weights_digest(pipe.unet), "mode": pipe.mode, "dtype": str(pipe.dtype),
                 "numerics": pipe.numerics, "image": [c.in_channels, c.sample_size, c.sample_size],
-                "scheduler": kind, **call, "variance": call["variance"] or pipe.variance}
+                "scheduler": kind, **call, "variance": call["variance"] or pipe.variance,
+                "eta": call["eta"] or 0.0}     # 0.0: what runs recorded before eta could be None
     # one key per scheduler setting: a refusal names the setting that changed
     settings.update({f"scheduler.{k}": v for k, v in scheduler.items()})
     return settings
@@ -317,10 +318,10 @@ def progress_bar(total_steps: int, images: int, desc: str):
 
 
 def pipeline_call(pipe, seed: int, num_inference_steps: Optional[int], sampler: Optional[str],
-                  eta: float, variance: Optional[str], clip: Optional[bool]) -> dict:
+                  eta: Optional[float], variance: Optional[str], clip: Optional[bool]) -> dict:
     """The pipeline call's sampling arguments, checked before any work (ValueError naming the bad
     one), with the defaults resolved: the scheduler's sampler; pipeline.default_steps."""
-    from .pipeline import default_steps, positive_int
+    from .pipeline import check_sampler_arguments, default_steps, positive_int
     from .schedule import VARIANCE_TYPES
     from .schedulers import read_scheduler
 
@@ -335,8 +336,9 @@ def pipeline_call(pipe, seed: int, num_inference_steps: Optional[int], sampler: 
         raise ValueError(f"num_inference_steps {steps} exceeds the model's {total} timesteps")
     if variance is not None and variance not in VARIANCE_TYPES:
         raise ValueError(f"variance must be one of {VARIANCE_TYPES}, got {variance!r}")
-    if not 0 <= eta <= 1:
+    if eta is not None and not 0 <= eta <= 1:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
+    check_sampler_arguments(sampler, eta, variance)
     return dict(seed=seed, num_inference_steps=steps, sampler=sampler, eta=eta,
                 variance=variance, clip=clip)
 
@@ -369,7 +371,8 @@ def step_progress(progress, total_steps: int, images: int):
 
 def sample_to_file(pipe, seeds: Union[str, Iterable[int]], out, *, batch_size: Union[int, str] = 64,
                    shard_size: int = 256, seed: int = 0, num_inference_steps: Optional[int] = None,
-                   sampler: Optional[str] = None, eta: float = 0.0, variance: Optional[str] = None,
+                   sampler: Optional[str] = None, eta: Optional[float] = None,
+                   variance: Optional[str] = None,
                    clip: Optional[bool] = None, resumable: bool = True, overwrite: bool = False,
                    scale: int = 4, progress: Union[None, bool, Callable[[int], None]] = None
                    ) -> SampleResult:

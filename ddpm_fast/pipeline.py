@@ -19,7 +19,8 @@ import torch
 
 from . import checkpoints, memory
 from .images import model_to_unit, unit_to_uint8
-from .sampling import NoiseSource, check_model_output, ddim_sample, ddpm_sample, sample_loop
+from .sampling import (NoiseSource, check_model_output, ddim_draws, ddim_sample, ddpm_sample,
+                       sample_loop)
 from .schedule import Schedule, check_scheduler_config
 from .unet import UNet2DModel
 
@@ -87,6 +88,17 @@ def positive_int(value, name: str) -> int:
     return int(value)
 
 
+def check_sampler_arguments(sampler: str, eta, variance) -> None:
+    """Refuse an argument the sampler would ignore (diffusers' DDPMPipeline raises TypeError
+    for eta): eta belongs to DDIM, a variance type to DDPM."""
+    if eta is not None and sampler != "ddim":
+        raise ValueError(f"eta={eta!r} is a DDIM argument; the {sampler.upper()} sampler has no "
+                         "η (sample DDIM: sampler='ddim' / --sampler ddim, or a DDIMScheduler)")
+    if variance is not None and sampler != "ddpm":
+        raise ValueError(f"variance={variance!r} is a DDPM argument; the {sampler.upper()} "
+                         "sampler's variance is set by η")
+
+
 class DDPMPipeline:
     """diffusers' DDPMPipeline surface: from_pretrained(path, torch_dtype=…), .to(device, dtype),
     pipe.device / pipe.dtype / pipe.unet / pipe.scheduler / pipe.components,
@@ -110,6 +122,7 @@ class DDPMPipeline:
         self._fast_args = dict(dtype=None, use_graphs=use_graphs, compile=compile,
                                autotune_convs=autotune_convs, kernels=kernels)
         self._runner = None
+        self._runner_source = None       # a WeightsWatch of what the runner copied
         self._progress_bar_config: dict = {}
         self.last_peak_memory: Optional[int] = None   # bytes, after each call (ddpm_fast.memory)
         # the scheduler: a config dict (a folder's scheduler_config.json) or a scheduler object
@@ -119,11 +132,13 @@ class DDPMPipeline:
         if scheduler is not None:
             self.scheduler = scheduler
         else:
-            from .schedulers import read_config
+            from .schedulers import live_config, read_config
 
             # a config dict names its class (_class_name: DDPMScheduler by default, or
-            # DDIMScheduler, as a folder's scheduler_config.json does)
-            config = dict(scheduler_config or checkpoints.DEFAULT_SCHEDULER)
+            # DDIMScheduler, as a folder's scheduler_config.json does); a scheduler object's
+            # config (a mapping type of its own) holds the values it samples with
+            config = scheduler_config or checkpoints.DEFAULT_SCHEDULER
+            config = dict(config) if type(config) is dict else live_config(config)
             kind, settings = read_config(config)
             self._set_scheduler(kind, config if kind == "ddpm" else settings, None)
         if dtype is not None:
@@ -350,8 +365,10 @@ class DDPMPipeline:
     def from_diffusers(cls, pipe, **kwargs) -> "DDPMPipeline":
         """From a diffusers DDPMPipeline object (same weights, same scheduler: a DDPMScheduler
         or a DDIMScheduler, sampled as that pipeline samples with it)."""
+        from .schedulers import live_config
+
         # a scheduler object's config does not name its class: say it (read_config routes it)
-        config = {**dict(pipe.scheduler.config), "_class_name": type(pipe.scheduler).__name__}
+        config = {**live_config(pipe.scheduler), "_class_name": type(pipe.scheduler).__name__}
         return cls.from_diffusers_unet(pipe.unet, config, **kwargs)
 
     @classmethod
@@ -370,10 +387,15 @@ class DDPMPipeline:
 
     @property
     def runner(self):
-        if self._runner is None:
-            from .fast import FastRunner
+        """The fast runner over a private copy of pipe.unet, rebuilt whenever pipe.unet is
+        another module or its weights changed since the copy (load_state_dict, an optimizer or
+        EMA step, `pipe.unet = other`): fast mode never samples stale weights."""
+        from .fast import FastRunner, WeightsWatch
 
+        if self._runner is None or not self._runner_source.unchanged(self.unet):
+            self._runner = None                  # free the old copy before making the new one
             self._runner = FastRunner(self.unet, self.device, **self._fast_args)
+            self._runner_source = WeightsWatch(self.unet)
         return self._runner
 
     # ------------------------------------------------------------------ sampling
@@ -395,7 +417,7 @@ class DDPMPipeline:
     def __call__(self, batch_size: int | str = 1, generator=None,
                  num_inference_steps: Optional[int] = None,
                  output_type: str = "pil", return_dict: bool = True, *, seed: Optional[int] = None,
-                 first_image: int = 0, sampler: Optional[str] = None, eta: float = 0.0,
+                 first_image: int = 0, sampler: Optional[str] = None, eta: Optional[float] = None,
                  use_clipped_model_output: Optional[bool] = None,
                  variance: Optional[str] = None, clip: Optional[bool] = None, progress=None):
         """sampler: "ddpm" or "ddim", by default the scheduler's (pipe.scheduler: a
@@ -422,6 +444,8 @@ class DDPMPipeline:
         if use_clipped_model_output and not scheduler_ddim:
             raise ValueError("use_clipped_model_output is a DDIMScheduler argument: set "
                              "pipe.scheduler to a DDIMScheduler to use it")
+        check_sampler_arguments(sampler, eta, variance)
+        eta = 0.0 if eta is None else eta
         variance = variance or self.variance
         self._check_unet_output(sampler, variance)
         if clip is not None and self.schedule.threshold is not None:
@@ -456,10 +480,9 @@ class DDPMPipeline:
             elif scheduler_ddim:
                 noise = NoiseSource(shape, self.device, None if seed is not None else generator,
                                     seed, first_image, self.schedule.num_timesteps)
-                # diffusers' DDIMScheduler draws noise at every step when η > 0 (σ = 0 too)
                 x = sample_loop(self._model(), table, timesteps, noise, clip=clip,
                                 progress=progress, threshold=self.schedule.threshold,
-                                draw_every_step=eta > 0).images
+                                draws=ddim_draws(eta)).images
             else:
                 common = dict(generator=None if seed is not None else generator, seed=seed,
                               first_image=first_image, num_inference_steps=num_inference_steps,

@@ -15,13 +15,22 @@ import torch
 
 from .ops.ddpm_step import ddpm_step, ddpm_step_general, step_x0
 from .ops.philox import key_tensor, philox_normal
-from .schedule import LEARNED_VARIANCES, SIGMA, Schedule
+from .schedule import LEARNED_VARIANCES, Schedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # How often the loops look for NaN/Inf: one host sync per this many steps, and at the end.
 WATCH_EVERY = 50
+
+
+# When a generator's noise is drawn (sample_loop's `draws`).
+NOISE_DRAWS = ("positive_t", "every_step", "never")
+
+
+def ddim_draws(eta: float) -> str:
+    """DDIMScheduler.step draws noise at every step when η > 0, even where σ = 0."""
+    return "every_step" if eta > 0 else "never"
 
 
 class NonFiniteError(RuntimeError):
@@ -105,16 +114,18 @@ def sample_loop(model: Model, table: torch.Tensor, timesteps: Sequence[int], noi
                 *, clip: bool = True, x_T: Optional[torch.Tensor] = None,
                 intermediates_every: int = 0, progress=None,
                 threshold: Optional[tuple] = None, variance: Optional[str] = None,
-                draw_every_step: bool = False) -> SampleOutput:
+                draws: str = "positive_t") -> SampleOutput:
     """Run the steps of `table` (one row per timestep) from x_T down to x_0. `threshold` =
     (ratio, max value) applies dynamic thresholding to x̂0 instead of clipping; `variance`
     "learned"/"learned_range" (a table built for it) takes σ from the model's second half
-    (both in torch ops: ddpm_step_general). A generator's noise is drawn for the steps whose σ
-    is not 0, or for every step with draw_every_step (diffusers' DDIMScheduler with η > 0
-    draws even where σ = 0)."""
+    (both in torch ops: ddpm_step_general). A generator's noise is drawn where the diffusers
+    scheduler draws it, whatever σ is, so that the generator stays in step: `draws`
+    "positive_t" at every t > 0 (DDPMScheduler.step), "every_step" (DDIMScheduler.step with
+    η > 0) or "never" (η = 0)."""
+    if draws not in NOISE_DRAWS:
+        raise ValueError(f"draws must be one of {NOISE_DRAWS}, got {draws!r}")
     device = noise.device
     table = table.to(device)
-    host_table = table.cpu()
     x = noise.initial() if x_T is None else x_T.to(device=device, dtype=torch.float32)
     out = SampleOutput(images=x)
     steps = torch.arange(len(timesteps), dtype=torch.int64, device=device)
@@ -123,8 +134,9 @@ def sample_loop(model: Model, table: torch.Tensor, timesteps: Sequence[int], noi
     for i, t in enumerate(timesteps):
         t_tensor = torch.tensor(t, dtype=torch.int64, device=device)
         eps = model(x, t_tensor)
-        # diffusers draws the step's noise after the model call and only when it is used
-        z = noise.step_noise() if draw_every_step or host_table[i, SIGMA] != 0 else None
+        # diffusers draws the step's noise after the model call
+        z = noise.step_noise() if draws == "every_step" or (draws == "positive_t" and t > 0) \
+            else None
         if intermediates_every and (i % intermediates_every == 0 or i == len(timesteps) - 1):
             x0 = step_x0(x, eps, table[i], clip, threshold, learned)
             out.intermediates.append((t, x.cpu(), x0.cpu()))
@@ -168,7 +180,7 @@ def ddim_sample(model: Model, schedule: Schedule, shape, *, num_inference_steps:
     noise = NoiseSource(shape, device, generator, seed, first_image, schedule.num_timesteps)
     return sample_loop(model, table, timesteps, noise, clip=clip, x_T=x_T,
                        intermediates_every=intermediates_every, progress=progress,
-                       threshold=schedule.threshold, draw_every_step=eta > 0)
+                       threshold=schedule.threshold, draws=ddim_draws(eta))
 
 
 def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor

@@ -66,6 +66,17 @@ class FrozenConfig(OrderedDict):
         return (FrozenConfig, (list(self.items()),))
 
 
+def live_config(config) -> dict:
+    """The settings a scheduler object's config (diffusers' FrozenDict, our FrozenConfig, or
+    an object with a .config) holds, as a plain dict: its values are what the object samples
+    with. Its `_use_default_values` list only records which keys were defaults when it was
+    built (register_to_config may have changed them since), so it is dropped here; in a
+    scheduler_config.json file diffusers does follow it, and so does read_config."""
+    if not isinstance(config, dict) and hasattr(config, "config"):
+        config = config.config
+    return {k: v for k, v in dict(config).items() if k != "_use_default_values"}
+
+
 def ddim_settings(config: dict) -> dict:
     """Every DDIMScheduler setting of a config (defaults filled in), or a ValueError naming the
     first one not honoured. The settings shared with DDPMScheduler go through
@@ -206,9 +217,7 @@ def read_scheduler(scheduler) -> tuple[str, dict]:
         raise ValueError(f"scheduler {name} is not supported: ddpm_fast samples with "
                          f"{' or '.join(SCHEDULER_CLASSES)} (their settings are honoured or "
                          "refused by name)")
-    # an object's config values are the ones it runs with: its _use_default_values list only
-    # records which of them were defaults
-    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    config = {k: v for k, v in live_config(config).items() if not k.startswith("_")}
     if name == "DDPMScheduler":
         return "ddpm", check_scheduler_config(config)
     return "ddim", ddim_settings(config)

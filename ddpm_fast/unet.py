@@ -52,6 +52,20 @@ class UNetConfig:
     }
     # Keys that do not change the network.
     IGNORED = ("num_train_timesteps",)
+    # What diffusers' UNet2DModel takes for a key that config.json leaves out (its __init__
+    # defaults, 0.42): an absent key means these, not the DDPM values this dataclass defaults to.
+    # sample_size has none (None: diffusers' DDPMPipeline cannot make the noise), so from_dict
+    # refuses a config without it.
+    DIFFUSERS_DEFAULTS = {
+        "in_channels": 3, "out_channels": 3, "center_input_sample": False, "freq_shift": 0,
+        "flip_sin_to_cos": True,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D",
+                             "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (224, 448, 672, 896), "layers_per_block": 2,
+        "mid_block_scale_factor": 1, "downsample_padding": 1, "dropout": 0.0,
+        "attention_head_dim": 8, "norm_num_groups": 32, "norm_eps": 1e-5, "add_attention": True,
+    }
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
@@ -70,10 +84,16 @@ class UNetConfig:
                              f"norm_num_groups={self.norm_num_groups}")
         if self.layers_per_block < 1:
             raise ValueError("layers_per_block must be at least 1")
+        if self.sample_size % self.downsampling:
+            raise ValueError(f"sample_size={self.sample_size} is not a multiple of "
+                             f"{self.downsampling}, the U-Net's downsampling for "
+                             f"{n} levels (the up blocks could not meet their skips)")
 
     @classmethod
     def from_dict(cls, config: dict) -> "UNetConfig":
-        """From a diffusers config.json dict; rejects settings we do not implement, by name."""
+        """From a diffusers config.json dict, keys it leaves out taking diffusers' UNet2DModel
+        defaults (DIFFUSERS_DEFAULTS), as diffusers loads it; rejects settings we do not
+        implement, and a config without sample_size, by name."""
         known = {f.name for f in fields(cls)}
         for key, value in config.items():
             if key in cls.FIXED:
@@ -84,6 +104,11 @@ class UNetConfig:
                 raise ValueError(f"unknown UNet setting {key!r}")
         if "norm_num_groups" in config and config["norm_num_groups"] is None:
             raise ValueError("unsupported UNet setting norm_num_groups=None")
+        if config.get("sample_size") is None:
+            raise ValueError("config has no sample_size: the image size is unknown (diffusers' "
+                             "DDPMPipeline cannot sample such a U-Net either); add "
+                             '"sample_size": N to config.json')
+        config = {**cls.DIFFUSERS_DEFAULTS, **config}
         kwargs = {k: v for k, v in config.items() if k in known}
         if isinstance(kwargs.get("sample_size"), (list, tuple)):
             h, w = kwargs["sample_size"]
