@@ -1,13 +1,14 @@
 """Compile the fused-conv Triton kernel for a GPU without one (sm_90 by default) and report, per
 U-Net layer kind (CIFAR-10's or the 256-px model's, benchmarks/conv2d_layers.py), what decides
-its speed: registers, spills, shared memory, whether the dot became wgmma. Run in a process
-*without* TRITON_INTERPRET.
+its speed: registers, spills, shared memory (and the launcher's estimate of it), whether the
+dot became wgmma. Run in a process *without* TRITON_INTERPRET.
 
 The launcher runs as in sampling (same tile choice, same argument list) on meta tensors; its
 kernel call is recorded and compiled ahead of time with the JIT's own specialisations (integers
 equal to 1 become constants, multiples of 16 are marked divisible, pointers 16-byte aligned).
 
     python -m benchmarks.aot_conv2d [--arch 90] [--batch 1] [--layers cifar10|256] [--out aot.json]
+    python -m benchmarks.aot_conv2d --arch 86 --tile 128 256 64 8 2 --split-k 4 --layer up.conv2
 """
 from __future__ import annotations
 
@@ -121,20 +122,34 @@ def launcher_args(args: dict) -> dict:
                 stats_groups=32 if cout % 32 == 0 and not upsample else 0)
 
 
-def compile_layer(layer, batch: int, arch: int) -> dict:
-    spec = launcher_args(make_inputs(layer, batch, "meta", torch.bfloat16))
+def compile_layer(layer, batch: int, arch: int, tile=None, splits=None,
+                  dtype=torch.bfloat16) -> dict:
+    """One layer's kernel as the launcher would launch it on `arch` (its tile choice under that
+    arch's shared-memory limit), or with `tile` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) and
+    `splits` (split-K) forced: what the shared-memory estimate is calibrated against."""
+    spec = launcher_args(make_inputs(layer, batch, "meta", dtype))
     x, weight = spec["x"], spec["weight"]
     ho, wo = output_size(x.shape[2], x.shape[3], weight.shape[2:], spec["stride"], spec["pad"],
                          spec["upsample"])
     y = torch.empty(x.shape[0], weight.shape[0], ho, wo, dtype=x.dtype, device="meta"
                     ).contiguous(memory_format=torch.channels_last)
-    recorder = Recorder(conv_kernel._conv2d_kernel)
-    saved, conv_kernel._conv2d_kernel = conv_kernel._conv2d_kernel, recorder
-    saved_interp, conv_kernel.INTERPRET = conv_kernel.INTERPRET, False
+    saved = conv_kernel._conv2d_kernel
+    recorder = Recorder(saved)
+    # the arch's limit decides the launcher's choice; a forced config is compiled as given
+    limit = None if tile or splits else conv_kernel.SMEM_PER_BLOCK.get(arch)
+    patches = dict(_conv2d_kernel=recorder, INTERPRET=False, smem_limit=lambda device: limit)
+    if tile is not None:
+        patches["tile_config"] = lambda *a: tuple(tile)
+    if splits is not None:
+        patches["split_k"] = lambda *a: splits
+    undo = {name: getattr(conv_kernel, name) for name in patches}
+    for name, value in patches.items():
+        setattr(conv_kernel, name, value)
     try:
         conv_kernel.conv2d(y, **spec)
     finally:
-        conv_kernel._conv2d_kernel, conv_kernel.INTERPRET = saved, saved_interp
+        for name, value in undo.items():
+            setattr(conv_kernel, name, value)
     grid, args, kw = recorder.calls[0]
     src, options = specialise(saved, args, kw)
     start = time.perf_counter()
@@ -142,12 +157,16 @@ def compile_layer(layer, batch: int, arch: int) -> dict:
     ptx = compiled.asm["ptx"]
     return {"grid": list(grid),
             "tile": [kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"],
-                     kw["num_stages"]],
+                     kw["num_stages"]], "split_k": kw["SPLIT_K"],
             "compile_s": round(time.perf_counter() - start, 2),
             "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
             "griddepcontrol": ptx.count("griddepcontrol"),
             "tanh_approx": ptx.count("tanh.approx"),
-            "shared_bytes": compiled.metadata.shared, **resource_usage(compiled.asm["cubin"]),
+            "shared_bytes": compiled.metadata.shared,
+            "shared_estimate": conv_kernel.smem_needed(
+                (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"], kw["num_stages"]),
+                x.element_size(), kw["SPLIT_K"]),
+            **resource_usage(compiled.asm["cubin"]),
             **sass_counts(compiled.asm["cubin"])}
 
 
@@ -157,15 +176,21 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", choices=sorted(LAYER_SETS), default="cifar10",
                         help="the U-Net whose layer kinds are compiled")
+    parser.add_argument("--layer", default="", help="only the layer kinds whose name has this")
+    parser.add_argument("--tile", type=int, nargs=5, metavar=("BM", "BN", "BK", "WARPS", "STAGES"),
+                        help="compile this tile config instead of the launcher's choice")
+    parser.add_argument("--split-k", type=int, help="force this many reduction splits")
     parser.add_argument("--out", type=Path)
     a = parser.parse_args(argv)
     rows = {}
     for name, layer in LAYER_SETS[a.layers].items():
-        rows[name] = compile_layer(layer, a.batch, a.arch)
+        if a.layer not in name:
+            continue
+        rows[name] = compile_layer(layer, a.batch, a.arch, a.tile, a.split_k)
         r = rows[name]
-        print(f"{name:42s} tile {r['tile']} grid {r['grid']} reg {r.get('reg')} "
-              f"stack {r.get('stack')} shared {r['shared_bytes']} wgmma {r['wgmma']} "
-              f"mufu {r['mufu']} "
+        print(f"{name:42s} tile {r['tile']} split {r['split_k']} grid {r['grid']} "
+              f"reg {r.get('reg')} stack {r.get('stack')} shared {r['shared_bytes']} "
+              f"(estimate {r['shared_estimate']}) wgmma {r['wgmma']} mufu {r['mufu']} "
               f"({r['compile_s']} s)")
     if a.out:
         a.out.write_text(json.dumps({"arch": a.arch, "batch": a.batch, "triton": triton.__version__,

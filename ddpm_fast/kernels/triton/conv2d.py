@@ -445,27 +445,91 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 
 GPU_TILES = ((128, 128), (128, 64), (64, 64), (64, 32), (32, 32))   # (BLOCK_M, BLOCK_N)
 GPU_PROGRAMS = 132      # an H100 SXM's SMs: fewer programs than this leave SMs idle
+# Shared memory one program may opt into, per compute capability (what the device reports as
+# shared_memory_per_block_optin): for compiling without the device (aot_conv2d.py, tests).
+SMEM_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+def smem_needed(cfg, elem_bytes: int, splits: int = 1) -> int:
+    """Shared memory (bytes) a launch with cfg = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+    needs: an upper bound of what Triton 3.6 and 3.9 compile for sm_80/86/90 (the table in
+    tests/test_conv_smem_limits.py; `benchmarks/aot_conv2d.py --tile` measures one). The
+    software pipeline keeps `stages` A and B tiles; after the loop that memory is reused, and
+    the one reuse that can outgrow it is split-K's fp32 partial tile, which sm_90 stores through
+    shared memory from the wgmma layout (128×256: 128 KB against 96 KB of pipeline). Plus 1 KB a
+    stage: wgmma's barriers and 1 KB-aligned buffers (sm_90 measured stages − 1 KB)."""
+    bm, bn, bk, _, stages = cfg
+    pipeline = stages * (bm * bk + bk * bn) * elem_bytes
+    reuse = bm * bn * (4 if splits > 1 else elem_bytes)
+    return max(pipeline, reuse) + stages * 1024
+
+
+def fits(cfg, dtype: torch.dtype, limit, splits: int = 1) -> bool:
+    """Whether cfg's shared memory fits `limit` (None: no limit, on CPU and the interpreter)."""
+    return limit is None or smem_needed(cfg, dtype.itemsize, splits) <= limit
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+
+
+def smem_limit(device: torch.device):
+    """The shared memory one program may use on `device` (read once per device index), or None
+    where nothing limits it (CPU tensors, the interpreter)."""
+    if device.type != "cuda" or INTERPRET:
+        return None
+    return _device_smem(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def _block_k(cin: int, dtype: torch.dtype) -> int:
+    return min(64 if dtype != torch.float32 else 32, _pow2_at_least(cin, 16, 64))
+
+
+def _gpu_config(tile, pixels: int, cout: int, bk: int):
+    """A GPU tile cut to the layer, as a full config: 8 warps from 128×128 up, 3 stages."""
+    bm, bn = _fit_tile(tile, pixels, cout)
+    return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3
 
 
 @functools.lru_cache(maxsize=None)
 def tile_config(batch: int, pixels: int, cout: int, cin: int, dtype: torch.dtype,
-                interpret: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer shape.
+                interpret: bool, smem=None):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one layer shape, on a device
+    whose programs may use `smem` bytes of shared memory (None: no limit).
 
     Interpreter: its cost is per program × reduction step, nearly independent of tile size, so
-    the biggest tiles. GPU: the largest tile that still gives every SM a program (128×128×64,
-    8 warps, 3 stages compiles for sm_90 to wgmma with ≈ 175 registers, no spills, 97 KB of
-    shared memory: benchmarks/aot_conv2d.py); batch-1 layers fall to small tiles. To be replaced
-    by per-shape measurements in the kernel table once a GPU has timed the candidates."""
+    the biggest tiles. GPU: the largest tile that fits `smem` and still gives every SM a program
+    (128×128×64, 8 warps, 3 stages compiles for sm_90 to wgmma with ≈ 175 registers, no spills,
+    98 KB of shared memory: benchmarks/aot_conv2d.py); batch-1 layers fall to small tiles. To be
+    replaced by per-shape measurements in the kernel table once a GPU has timed the candidates."""
     if interpret:
         return (_pow2_at_least(pixels, 16, 128), _pow2_at_least(cout, 16, 128),
                 _pow2_at_least(cin, 16, 64), 4, 1)
-    bk = min(64 if dtype != torch.float32 else 32, _pow2_at_least(cin, 16, 64))
-    for tile in GPU_TILES:
-        bm, bn = _fit_tile(tile, pixels, cout)
-        if batch * triton.cdiv(pixels, bm) * triton.cdiv(cout, bn) >= GPU_PROGRAMS:
+    bk = _block_k(cin, dtype)
+    cfgs = [c for c in (_gpu_config(t, pixels, cout, bk) for t in GPU_TILES)
+            if fits(c, dtype, smem)]
+    if not cfgs:
+        return smallest_config(batch, pixels, cout, cin, dtype, smem)
+    for cfg in cfgs:
+        if batch * triton.cdiv(pixels, cfg[0]) * triton.cdiv(cout, cfg[1]) >= GPU_PROGRAMS:
             break
-    return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 3
+    return cfg
+
+
+def smallest_config(batch: int, pixels: int, cout: int, cin: int, dtype: torch.dtype, smem):
+    """Where no GPU tile fits: the least shared memory the kernel runs with (the smallest tile,
+    16 channels a step, no pipelining), or, if even that does not fit, an error that names the
+    layer and the limit (rather than Triton's OutOfResources at launch)."""
+    cfg = (*_fit_tile(GPU_TILES[-1], pixels, cout), 16, 4, 1)
+    if not fits(cfg, dtype, smem):
+        raise RuntimeError(
+            f"conv2d: no tile config fits the device's {smem} bytes of shared memory per block "
+            f"for the layer N={batch}, {pixels} output pixels, Cout={cout}, Cin={cin} (largest "
+            f"input part), {dtype}: the smallest, {cfg}, needs "
+            f"{smem_needed(cfg, dtype.itemsize)} bytes")
+    return cfg
 
 
 def _fit_tile(tile, pixels: int, cout: int) -> tuple[int, int]:
@@ -515,20 +579,20 @@ def autotune_enabled() -> bool:
     return os.environ.get("DDPM_FAST_CONV_AUTOTUNE") == "1" and not INTERPRET
 
 
-def tile_candidates(batch: int, pixels: int, cout: int, cin: int, dtype: torch.dtype):
-    """The heuristic's choice first, then every GPU tile that fits the map (each a compile of its
-    own, a few seconds: hence opt-in). For ≥ 256 output channels also 128×256 (two stages: with
-    three it spills), which halves the prologue's special-function work per MAC; at 251-255
-    registers it is a candidate to time, not a default."""
-    first = tile_config(batch, pixels, cout, cin, dtype, False)
-    out = [first]
-    for tile in GPU_TILES:
-        bm, bn = _fit_tile(tile, pixels, cout)
-        cfg = (bm, bn, first[2], 8 if bm * bn >= 128 * 128 else 4, 3)
-        if cfg not in out:
-            out.append(cfg)
+def tile_candidates(batch: int, pixels: int, cout: int, cin: int, dtype: torch.dtype,
+                    smem=None):
+    """The heuristic's choice first, then every GPU tile that fits the map and `smem` (each a
+    compile of its own, a few seconds: hence opt-in). For ≥ 256 output channels also 128×256
+    (two stages: with three it spills), which halves the prologue's special-function work per
+    MAC; at 251-255 registers it is a candidate to time, not a default."""
+    out = [tile_config(batch, pixels, cout, cin, dtype, False, smem)]
+    bk = _block_k(cin, dtype)
+    more = [_gpu_config(tile, pixels, cout, bk) for tile in GPU_TILES]
     if cout >= 256 and pixels >= 128 and dtype != torch.float32:
-        out.append((128, 256, first[2], 8, 2))
+        more.append((128, 256, bk, 8, 2))
+    for cfg in more:
+        if cfg not in out and fits(cfg, dtype, smem):
+            out.append(cfg)
     return out
 
 
@@ -538,11 +602,24 @@ _TUNED: dict = {}
 def _tuned(key, candidates, launch):
     """The fastest candidate for `key` (timed once per process, then cached)."""
     if key not in _TUNED:
-        from triton.testing import do_bench
-
-        times = [do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20) for cfg in candidates]
-        _TUNED[key] = candidates[min(range(len(times)), key=times.__getitem__)]
+        times = [_time(launch, cfg) for cfg in candidates]
+        best = min(range(len(times)), key=times.__getitem__)
+        if times[best] == float("inf"):
+            raise RuntimeError(f"conv2d autotune: no candidate of {key} could launch")
+        _TUNED[key] = candidates[best]
     return _TUNED[key]
+
+
+def _time(launch, cfg) -> float:
+    """One candidate's time; infinite if its compiled kernel needs more than the device has
+    (the compiled size, where smem_needed only estimated it)."""
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+
+    try:
+        return do_bench(lambda: launch(cfg), warmup=5, rep=20)
+    except OutOfResources:
+        return float("inf")
 
 
 def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, silu, temb,
@@ -603,6 +680,8 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
                  + triton.cdiv(cscx, bk) + triton.cdiv(cscs, bk))
         tiles = n * tiles_m * tiles_n
         splits = split_k(tiles, steps, interpret)
+        if not fits(cfg, x.dtype, smem, splits):    # the fp32 partial tile needs more (sm_90)
+            splits = 1
         # one zeroed counter buffer: [0, n) the images' group tickets, then the tiles' splits
         tickets = _tickets(x.device, n + (tiles if splits > 1 else 0))
         ws = (torch.empty(tiles * splits * bm * bn, dtype=torch.float32, device=x.device)
@@ -632,12 +711,13 @@ def conv2d(y, x, weight, bias, *, stride, pad, upsample, skip, scale, shift, sil
         return stats
 
     cin = max(cx, cs, cscx, cscs)
-    cfg = tile_config(n, ho * wo, cout, cin, x.dtype, interpret)
+    smem = None if interpret else smem_limit(x.device)
+    cfg = tile_config(n, ho * wo, cout, cin, x.dtype, interpret, smem)
     if autotune_enabled() and x.device.type == "cuda":
         key = (n, cx, cs, h, w, cout, kh, stride, cscx, cscs, x.dtype,
                tuple(sorted(flags.items())))
         if torch.cuda.is_current_stream_capturing():   # what the warm-up tuned, or the heuristic
             cfg = _TUNED.get(key, cfg)
         else:
-            cfg = _tuned(key, tile_candidates(n, ho * wo, cout, cin, x.dtype), launch)
+            cfg = _tuned(key, tile_candidates(n, ho * wo, cout, cin, x.dtype, smem), launch)
     return launch(cfg), groups
