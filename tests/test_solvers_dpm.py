@@ -23,6 +23,8 @@ from diffusers import DPMSolverMultistepScheduler  # noqa: E402
 
 from ddpm_fast.solvers import dpmsolver as dpm  # noqa: E402
 from ddpm_fast.solvers import dpm_plan, dpm_settings, reference_sample  # noqa: E402
+from ddpm_fast.solvers import table as tab  # noqa: E402
+from ddpm_fast.solvers.table import initial_state, solver_step  # noqa: E402
 
 # diffusers 0.42's set_timesteps calls np.array on a tensor (NumPy 2's copy= deprecation)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -99,7 +101,7 @@ def diffusers_loop(config, n, model, shape=SHAPE, seed=0, plan=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * scheduler.init_noise_sigma
     scheduler.set_timesteps(n)
-    worst, m1, m2 = 0.0, torch.zeros(shape), torch.zeros(shape)
+    worst, state = 0.0, initial_state(torch.zeros(shape))
     for k, t in enumerate(scheduler.timesteps):
         out = model(scheduler.scale_model_input(x, t), t)
         out = out if isinstance(out, torch.Tensor) else out.sample
@@ -111,12 +113,13 @@ def diffusers_loop(config, n, model, shape=SHAPE, seed=0, plan=None):
             z = torch.randn(shape, generator=g) if plan.stochastic else None
             assert torch.equal(g.get_state(), after)
             row = plan.table[k]
-            ours, m = dpm.solver_step(plan, row, x, out, m1, m2, z)
-            terms = [row[dpm.A] * x, row[dpm.B0] * m, row[dpm.B1] * m1, row[dpm.B2] * m2]
-            size = sum(v.double().abs() for v in terms + ([row[dpm.S] * z] if z is not None
+            m1, m2 = state[1], state[2]
+            ours = solver_step(plan, row, x, out, state, z)
+            m = state[1]
+            terms = [row[tab.A] * x, row[tab.B0] * m, row[tab.B1] * m1, row[tab.B2] * m2]
+            size = sum(v.double().abs() for v in terms + ([row[tab.S] * z] if z is not None
                                                           else [])).max().item()
             worst = max(worst, (ours - x_next).abs().max().item() / max(size, 1.0))
-            m2, m1 = m1, m
         x = x_next
     return x, g.get_state(), scheduler.timesteps.tolist(), worst
 
@@ -228,7 +231,7 @@ def test_thresholding(algorithm, prediction):
                   dynamic_thresholding_ratio=0.9, sample_max_value=1.7,
                   prediction_type=prediction)
     plan = dpm_plan(config, 8)
-    assert plan.threshold == (0.9, 1.7) and bool((plan.table[:, dpm.THRESH] == 1).all())
+    assert plan.threshold == (0.9, 1.7) and bool((plan.table[:, tab.THRESH] == 1).all())
     check(config, 8, "thresholding")
     # the thresholding is active: without it the sample differs
     model = Denoiser(config)
@@ -348,23 +351,25 @@ def test_table_layout():
     plan = dpm_plan({"solver_order": 3, "final_sigmas_type": "sigma_min",
                      "lower_order_final": False}, 6)
     t = plan.table
-    assert t.dtype == torch.float32 and t.shape == (6, dpm.COLS)
-    assert plan.orders == [1, 2, 3, 3, 3, 3] == t[:, dpm.ORDER].int().tolist()
-    assert t[:, dpm.T].long().tolist() == plan.timesteps
-    assert bool((t[:, dpm.C_IN] == 1).all())
+    assert t.dtype == torch.float32 and t.shape == (6, tab.COLS)
+    assert plan.orders == [1, 2, 3, 3, 3, 3] == t[:, tab.ORDER].int().tolist()
+    assert t[:, tab.T].long().tolist() == plan.timesteps
+    assert bool((t[:, tab.C_IN] == 1).all()) and bool((t[:, tab.KX] == 1).all())
+    assert bool((t[:, tab.KL:tab.K3 + 1] == 0).all()) and not plan.corrector   # no corrector
+    assert t[:, tab.WORD].tolist() == [1001.0 + k for k in range(6)]           # Philox words
     # the history columns are empty where the order does not reach them
-    assert t[0, dpm.B1] == 0 and t[0, dpm.B2] == 0 and t[1, dpm.B2] == 0
-    assert bool((t[2:, dpm.B2] != 0).all()) and bool((t[:, dpm.S] == 0).all())
+    assert t[0, tab.B1] == 0 and t[0, tab.B2] == 0 and t[1, tab.B2] == 0
+    assert bool((t[2:, tab.B2] != 0).all()) and bool((t[:, tab.S] == 0).all())
     # first order (DDIM, Lu et al. 2022b): x' = (σ_t/σ_s)·x + α_t(1 − e^{−h})·x̂0
     s0, s1 = plan.sigmas[0], plan.sigmas[1]
     a1 = 1 / math.sqrt(1 + s1 * s1)
     a0 = 1 / math.sqrt(1 + s0 * s0)
-    assert math.isclose(t[0, dpm.A], (s1 * a1) / (s0 * a0), rel_tol=1e-6)
-    assert math.isclose(t[0, dpm.B0], a1 * (1 - s1 / s0), rel_tol=1e-6)
+    assert math.isclose(t[0, tab.A], (s1 * a1) / (s0 * a0), rel_tol=1e-6)
+    assert math.isclose(t[0, tab.B0], a1 * (1 - s1 / s0), rel_tol=1e-6)
     # order 2 expands D0 = m_k, D1 = (m_k − m_{k−1})/r0: its weights sum to D0's weight
     s2 = plan.sigmas[2]
     a2 = 1 / math.sqrt(1 + s2 * s2)
-    assert math.isclose(t[1, dpm.B0] + t[1, dpm.B1], a2 * (1 - s2 / s1), rel_tol=1e-5)
+    assert math.isclose(t[1, tab.B0] + t[1, tab.B1], a2 * (1 - s2 / s1), rel_tol=1e-5)
 
 
 # ---------------------------------------------------------------- refusals

@@ -1,20 +1,15 @@
 """DPM-Solver and DPM-Solver++ (Lu et al. 2022a, 2022b), multistep, as diffusers'
-DPMSolverMultistepScheduler runs them: a per-step table of linear coefficients and a torch loop.
+DPMSolverMultistepScheduler runs them, as rows of the solvers' common table (solvers/table.py):
 
-Every step of the solver is linear in the current sample x, the model output `out` and the
-converted outputs of the two steps before (m_{k−1}, m_{k−2}), plus σ·z for the SDE variants:
-
-    x_in = C_IN·x                                          (scale_model_input: 1 for DPM-Solver)
     m_k  = P·x + Q·out                                     (convert_model_output; THRESH = 1:
                                                             then dynamic thresholding, nonlinear)
     x'   = A·x + B0·m_k + B1·m_{k−1} + B2·m_{k−2} + S·z    (…first/second/third_order_update)
 
-after which the history shifts: m_{k−2} ← m_{k−1}, m_{k−1} ← m_k (diffusers' model_outputs list).
-B1 (B2) is 0 in a step that does not read m_{k−1} (m_{k−2}), so the buffers start as zeros.
-m is the data prediction x̂0 for dpmsolver++ / sde-dpmsolver++ and the noise prediction ε̂ for
-dpmsolver / sde-dpmsolver. S is 0 except for the SDE variants, which draw z at every step (also
-where S = 0). T is the timestep the U-Net sees, ORDER the order of the step (1–3), THRESH 1 on
-every row when thresholding is on (Plan.threshold holds its ratio and maximum).
+with no corrector (KX = 1) and C_IN = 1. B1 (B2) is 0 in a step that does not read m_{k−1}
+(m_{k−2}). m is the data prediction x̂0 for dpmsolver++ / sde-dpmsolver++ and the noise
+prediction ε̂ for dpmsolver / sde-dpmsolver. S is 0 except for the SDE variants, which draw z
+at every step (also where S = 0). ORDER is the order of the step (1–3), THRESH 1 on every row
+when thresholding is on (Plan.threshold holds its ratio and maximum).
 
 The coefficients come from the solvers' formulas in float64, evaluated at diffusers' own float32
 noise levels σ_k = √((1−ᾱ)/ᾱ) (set_timesteps: spacing, karras / lu sigmas, final sigma,
@@ -33,19 +28,13 @@ first timestep, timesteps outside the training range, repeated noise levels: Ind
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..ops.ddpm_step import threshold_sample
 from ..schedule import DDPM_SCHEDULER_DEFAULTS, FIXED_VARIANCES, Schedule
-
-# Column indices of Plan.table (float32 rows of 48 bytes: 11 columns used).
-C_IN, P, Q, A, B0, B1, B2, S, T, ORDER, THRESH = range(11)
-COLS = 12
-COLUMN_NAMES = ("C_IN", "P", "Q", "A", "B0", "B1", "B2", "S", "T", "ORDER", "THRESH")
+from .table import A, B0, B1, B2, ORDER, P, Q, S, T, THRESH, Plan, make_plan, new_rows
 
 ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 DATA_PREDICTION = ("dpmsolver++", "sde-dpmsolver++")         # m is x̂0
@@ -436,27 +425,10 @@ def _update_coefficients(cfg, order, levels):
 
 
 # ---------------------------------------------------------------------------- the plan
-@dataclass
-class Plan:
-    """A DPM-Solver run: the U-Net's timesteps, the initial noise scale and one table row per
-    step (columns C_IN … THRESH, module doc)."""
-
-    timesteps: list                     # ints fed to the U-Net (diffusers' scheduler.timesteps)
-    init_noise_sigma: float
-    table: torch.Tensor                 # float32 [steps, COLS]
-    table64: torch.Tensor               # the same rows in float64 (a float64 yardstick run)
-    sigmas: list                        # the n+1 float32 noise levels σ/α (diffusers' sigmas)
-    orders: list                        # order of each step (also column ORDER)
-    stochastic: bool                    # SDE: one z per step (every step, after the model call)
-    threshold: Optional[tuple] = None   # (ratio, max value): dynamic thresholding of m (THRESH)
-    keep_channels: Optional[int] = None  # learned variance: m uses out[:, :keep_channels]
-    settings: dict = field(default_factory=dict, repr=False)
-
-
 def dpm_plan(settings: dict, num_inference_steps: int) -> Plan:
-    """The plan of DPMSolverMultistepScheduler(**settings).set_timesteps(num_inference_steps)
-    and the steps of its canonical loop; a ValueError (before any work) where diffusers fails or
-    divides by zero (repeated noise levels)."""
+    """The plan (solvers/table.py) of DPMSolverMultistepScheduler(**settings).set_timesteps(
+    num_inference_steps) and the steps of its canonical loop; a ValueError (before any work)
+    where diffusers fails or divides by zero (repeated noise levels)."""
     cfg = dpm_settings(settings)
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or \
             num_inference_steps < 1:
@@ -469,15 +441,16 @@ def dpm_plan(settings: dict, num_inference_steps: int) -> Plan:
                          "diffusers' steps give NaN")
     n = len(timesteps)
     orders = step_orders(cfg, n)
-    table = torch.zeros(n, COLS, dtype=torch.float64)
-    thresh = 1.0 if cfg["thresholding"] else 0.0
+    rows = new_rows(n)
     for k, order in enumerate(orders):
-        p, q = convert_coefficients(cfg, levels[k])
+        rows[k, P], rows[k, Q] = convert_coefficients(cfg, levels[k])
         # levels of the target, this step and the earlier ones (newest first)
         coef_x, b, noise = update_coefficients(cfg, order, [levels[k + 1]] +
                                                levels[k::-1][:order])
-        row = [1.0, p, q, coef_x, *b, noise, timesteps[k], order, thresh]
-        if not all(math.isfinite(v) for v in row):
+        rows[k, A], rows[k, S] = coef_x, noise
+        rows[k, B0], rows[k, B1], rows[k, B2] = b
+        rows[k, T], rows[k, ORDER] = timesteps[k], order
+        if not bool(torch.isfinite(rows[k]).all()):
             why = ""
             if (cfg["use_karras_sigmas"] or cfg["use_lu_lambdas"]) and \
                     cfg["final_sigmas_type"] == "sigma_min":
@@ -487,107 +460,12 @@ def dpm_plan(settings: dict, num_inference_steps: int) -> Plan:
                              f"{num_inference_steps} has non-finite coefficients: repeated "
                              f"noise levels ({levels[max(k - 2, 0):k + 2]}) make diffusers' "
                              f"multistep update divide by zero (NaN){why}")
-        table[k, :len(row)] = torch.tensor(row, dtype=torch.float64)
+    if cfg["thresholding"]:
+        rows[:, THRESH] = 1.0
     threshold = ((float(cfg["dynamic_thresholding_ratio"]), float(cfg["sample_max_value"]))
                  if cfg["thresholding"] else None)
     keep = LEARNED_KEEP_CHANNELS if cfg["variance_type"] in LEARNED_VARIANCES else None
-    return Plan(timesteps=timesteps, init_noise_sigma=1.0, table=table.float(), table64=table,
-                sigmas=levels,
-                orders=orders, stochastic=cfg["algorithm_type"] in STOCHASTIC,
-                threshold=threshold, keep_channels=keep, settings=cfg)
-
-
-# ---------------------------------------------------------------------------- reference loop
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def randn_diffusers(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
-    """torch.randn as diffusers' randn_tensor draws it: on a CPU generator's device then moved
-    (a CUDA generator for a CPU tensor is an error there too), a list of generators one image
-    each (a list of one is the generator itself)."""
-    device = torch.device(device)
-    if isinstance(generator, (list, tuple)):
-        if len(generator) == 1:
-            generator = generator[0]
-        else:
-            if len(generator) != shape[0]:
-                raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-            return torch.cat([randn_diffusers((1, *shape[1:]), g, device, dtype)
-                              for g in generator]).to(device)
-    draw_on = device
-    if generator is not None and generator.device.type != device.type:
-        if generator.device.type != "cpu":
-            raise ValueError(f"cannot draw a {device} tensor from a {generator.device.type} "
-                             "generator (diffusers' randn_tensor refuses it too)")
-        draw_on = torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
-
-
-@torch.no_grad()
-def reference_sample(unet: Model, plan: Plan, shape, generator=None, *, device=None,
-                     x_T: Optional[torch.Tensor] = None, dtype=torch.float32) -> torch.Tensor:
-    """Run `plan` from x_T (drawn from `generator` like the canonical loop:
-    randn(shape) · init_noise_sigma) to the final sample, in float32 torch ops:
-
-        out = unet(C_IN·x, t)              (a tensor, or an object with .sample as diffusers')
-        m   = P·x + Q·out                  (thresholded when THRESH)
-        z   = one draw of x's shape        (SDE plans only, after the model call, every step)
-        x   = A·x + B0·m + B1·m_{k−1} + B2·m_{k−2} + S·z
-        m_{k−2} ← m_{k−1};  m_{k−1} ← m
-
-    The generator's draws are diffusers' (x_T, then one per step for the SDE variants), so the
-    same generator gives diffusers' sample and leaves the generator in the same state.
-    dtype=torch.float64 runs the float64 table in float64 (the draws still float32 ones, cast):
-    the yardstick for how far a float32 run, ours or diffusers', is from exact arithmetic."""
-    shape = tuple(shape)
-    if device is None:
-        device = x_T.device if x_T is not None else (
-            generator.device if isinstance(generator, torch.Generator) else "cpu")
-    device = torch.device(device)
-    if plan.keep_channels is not None and shape[1] != plan.keep_channels:
-        raise ValueError(f"variance_type={plan.settings.get('variance_type')!r}: diffusers keeps "
-                         f"the first {plan.keep_channels} channels of the output as the "
-                         f"prediction, which fits {plan.keep_channels}-channel images only, "
-                         f"not {shape[1]}")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    table = (plan.table if dtype == torch.float32 else plan.table64).to(device)
-    if x_T is None:
-        x = (randn_diffusers(shape, generator, device) * plan.init_noise_sigma).to(dtype)
-    else:
-        x = x_T.to(device=device, dtype=dtype)
-    m1 = torch.zeros_like(x)                 # m_{k−1}
-    m2 = torch.zeros_like(x)                 # m_{k−2}
-    for k, t in enumerate(plan.timesteps):
-        row = table[k]
-        out = unet(x * row[C_IN], torch.tensor(t, dtype=torch.int64, device=device))
-        # diffusers draws the SDE noise after the model call
-        z = randn_diffusers(x.shape, generator, device).to(dtype) if plan.stochastic else None
-        x, m = solver_step(plan, row, x, out, m1, m2, z)
-        m2, m1 = m1, m                       # the history shifts by one step
-    return x
-
-
-def solver_step(plan: Plan, row: torch.Tensor, x: torch.Tensor, out, m1: torch.Tensor,
-                m2: torch.Tensor, z: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of reference_sample: (x', m) from table row `row`, the sample x, the model
-    output `out` (a tensor or an object with .sample; a learned variance's extra channels are
-    dropped here), the history m_{k−1} = m1, m_{k−2} = m2 and the step's noise z (SDE plans).
-    In x's dtype; the caller shifts the history (m2 ← m1, m1 ← m)."""
-    if not isinstance(out, torch.Tensor):
-        out = out.sample
-    if plan.keep_channels is not None:
-        out = out[:, :plan.keep_channels]
-    if out.shape != x.shape:
-        raise ValueError(f"model output of shape {tuple(out.shape)} for a sample of shape "
-                         f"{tuple(x.shape)}")
-    m = row[P] * x + row[Q] * out.to(x.dtype)
-    if plan.threshold is not None:           # THRESH is 1 on every row then (no host read)
-        m = threshold_sample(m, *plan.threshold)
-    x_new = row[A] * x + row[B0] * m + row[B1] * m1 + row[B2] * m2
-    if plan.stochastic:
-        if z is None:
-            raise ValueError(f"{plan.settings.get('algorithm_type')} steps need their noise z")
-        x_new = x_new + row[S] * z
-    return x_new, m
+    return make_plan(rows, timesteps, cfg["num_train_timesteps"], init_noise_sigma=1.0,
+                     stochastic=cfg["algorithm_type"] in STOCHASTIC, threshold=threshold,
+                     keep_channels=keep, sigmas=levels, orders=orders,
+                     scheduler="DPMSolverMultistepScheduler", settings=cfg)
