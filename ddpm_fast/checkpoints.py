@@ -292,7 +292,7 @@ def load_scheduler_config(path: str | os.PathLike) -> dict:
     returned config's _class_name. Every setting is honoured or refused here
     (schedulers.read_config)."""
     from .schedule import check_scheduler_config
-    from .schedulers import SCHEDULER_CLASSES, read_config
+    from .schedulers import SCHEDULER_CLASSES, read_config, unsupported_class
 
     p = Path(path)
     if p.is_file():                  # an original DDPM checkpoint
@@ -315,9 +315,7 @@ def load_scheduler_config(path: str | os.PathLike) -> dict:
         if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None:
             index_class = entry[1]
             if index_class not in SCHEDULER_CLASSES:
-                raise CheckpointError(f"{index}: scheduler class {index_class!r} is not "
-                                      f"supported: ddpm_fast samples with "
-                                      f"{' or '.join(SCHEDULER_CLASSES)} settings")
+                raise CheckpointError(f"{index}: {unsupported_class(index_class)}")
     source, config = None, None
     for candidate in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json"):
         if candidate.is_file():

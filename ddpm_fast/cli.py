@@ -460,6 +460,8 @@ EVAL_MODE = ("Runs in reference mode (float32 torch ops), the bound and the qual
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import SAMPLERS
+
     p = Parser(prog="ddpm-fast", description="Fast DDPM sampling and training.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -496,9 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=positive("--steps"), default=None,
                    help="sampling steps (default: 1000 for ddpm, 50 for ddim, as the Python API "
                    "and diffusers' pipelines; at most the model's timesteps)")
-    s.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
-                   help="ddpm (ancestral) or ddim (default: the model's scheduler: ddim for a "
-                   "DDIMScheduler folder, else ddpm)")
+    s.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="ddpm (ancestral), ddim, or a few-step solver: dpm++ (diffusers' "
+                   "DPMSolverMultistepScheduler; the folder's settings when it has one, else "
+                   "from_config of its scheduler) (default: the model's scheduler's)")
     s.add_argument("--eta", type=float, default=None,
                    help="DDIM η in [0, 1] (default 0; refused with --sampler ddpm)")
     s.add_argument("--variance", choices=("fixed_small", "fixed_large"), default=None,

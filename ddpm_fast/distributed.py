@@ -321,15 +321,15 @@ def pipeline_call(pipe, seed: int, num_inference_steps: Optional[int], sampler: 
                   eta: Optional[float], variance: Optional[str], clip: Optional[bool]) -> dict:
     """The pipeline call's sampling arguments, checked before any work (ValueError naming the bad
     one), with the defaults resolved: the scheduler's sampler; pipeline.default_steps."""
-    from .pipeline import check_sampler_arguments, default_steps, positive_int
+    from .pipeline import SAMPLERS, check_sampler_arguments, default_steps, positive_int, sampler_of
     from .schedule import VARIANCE_TYPES
     from .schedulers import read_scheduler
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    sampler = sampler or read_scheduler(pipe.scheduler)[0]
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    sampler = sampler or sampler_of(read_scheduler(pipe.scheduler)[0])
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     total = pipe.schedule.num_timesteps
     steps = num_inference_steps or default_steps(sampler, total)
     if positive_int(steps, "num_inference_steps") > total:

@@ -33,7 +33,8 @@ from typing import Optional, Sequence
 import torch
 
 from .ops.backend import UNET_SETTINGS, UNET_TABLE, unet_setting
-from .ops.ddpm_step import ddpm_step_general, ddpm_step_out
+from .ops.ddpm_step import ddpm_step_general, ddpm_step_out, threshold_sample
+from .ops.philox import _philox_normal_op as philox_normal_op
 from .ops.philox import key_tensor, philox_normal
 from .sampling import WATCH_EVERY, check_finite
 from .schedule import COEF_COLS, LEARNED_VARIANCES
@@ -202,13 +203,14 @@ class WeightsWatch:
                    for d, name, t, ptr, version in self.slots)
 
 
-def check_plan(coef: torch.Tensor, timesteps: Sequence[int]) -> None:
+def check_plan(coef: torch.Tensor, timesteps: Sequence[int], cols: int = COEF_COLS) -> None:
     """A run reads row i of the step table at step i: refuse a table that does not have one
-    float32 row of COEF_COLS per timestep, before anything runs (the kernels would otherwise
-    poison the state with NaN at the first missing row)."""
-    if coef.dim() != 2 or coef.shape[1] != COEF_COLS or coef.dtype != torch.float32:
-        raise ValueError(f"step table must be float32 [steps, {COEF_COLS}] (Schedule.step_table),"
-                         f" got {coef.dtype} {tuple(coef.shape)}")
+    float32 row of `cols` per timestep (COEF_COLS: Schedule.step_table's; a solver plan's:
+    solvers.COLS), before anything runs (the kernels would otherwise poison the state with NaN
+    at the first missing row)."""
+    if coef.dim() != 2 or coef.shape[1] != cols or coef.dtype != torch.float32:
+        raise ValueError(f"step table must be float32 [steps, {cols}] (Schedule.step_table or "
+                         f"a solver plan), got {coef.dtype} {tuple(coef.shape)}")
     if coef.shape[0] != len(timesteps):
         raise ValueError(f"step table has {coef.shape[0]} rows for {len(timesteps)} timesteps: "
                          "build it from the same timesteps (Schedule.step_table(timesteps))")
@@ -324,13 +326,19 @@ class FastRunner:
     def time_table(self, timesteps: Sequence[int]) -> torch.Tensor:
         """Every ResBlock's time projection for each timestep of a run: [steps, Σ out_ch], in
         the model dtype."""
-        t = torch.tensor(list(timesteps), dtype=torch.int64, device=self.device)
+        whole = all(float(t).is_integer() for t in timesteps)   # some solvers' are fractional
+        t = torch.tensor(list(timesteps), dtype=torch.int64 if whole else torch.float32,
+                         device=self.device)
         return self.unet.time_projections(self.unet.time_embed(t, len(timesteps))).rows
 
     # ------------------------------------------------------------------ one step
     def _step(self, state: dict) -> None:
         x, step = state["x"], state["step"]
         temb = TimeProjections(state["temb"].index_select(0, step))   # [1, Σ C], broadcast
+        if state["rule"][0] == "solver":
+            self._solver_step(state, temb)
+            step.add_(1)
+            return
         # one kernel: cast to the model dtype straight into the model's memory format
         inp = x.to(dtype=self.dtype, memory_format=self.memory_format)
         eps = self._unet(inp, temb, state["variant"])
@@ -342,13 +350,49 @@ class FastRunner:
                                       state["clip"], threshold, variance))
         step.add_(1)
 
+    def _solver_step(self, state: dict, temb: TimeProjections) -> None:
+        """A few-step solver's step (solvers/table.py) in torch ops on fixed buffers: the row,
+        the Philox word and the noise stay on the device, so a CUDA graph captures it."""
+        from .solvers import table as col
+
+        x, buffers = state["x"], state["buffers"]
+        _, corrector, stochastic, threshold, keep = state["rule"]
+        row = state["coef"].index_select(0, state["step"]).reshape(-1)
+        inp = (x * row[col.C_IN]).to(dtype=self.dtype, memory_format=self.memory_format)
+        out = self._unet(inp, temb, state["variant"])
+        if keep is not None:
+            out = out[:, :keep]
+        m = row[col.P] * x + row[col.Q] * out.float()
+        if threshold is not None:
+            m = threshold_sample(m, *threshold)
+        x_last, m1, m2, m3 = buffers
+        if corrector:
+            x_c = (row[col.KX] * x + row[col.KL] * x_last + row[col.K0] * m + row[col.K1] * m1
+                   + row[col.K2] * m2 + row[col.K3] * m3)
+        else:
+            x_c = x
+        new = row[col.A] * x_c + row[col.B0] * m + row[col.B1] * m1 + row[col.B2] * m2
+        if stochastic:
+            word = row[col.WORD].to(torch.int64).reshape(1)
+            z = philox_normal_op(state["key"], word, x.shape[0], x[0].numel()).view_as(x)
+            new = new + row[col.S] * z
+        if corrector:
+            x_last.copy_(x_c)
+        m3.copy_(m2)
+        m2.copy_(m1)
+        m1.copy_(m)
+        x.copy_(new)
+
     def _state(self, batch, coef, temb, key, clip, rule) -> dict:
         c = self.unet.config
-        return {"x": torch.zeros(batch, c.in_channels, c.sample_size, c.sample_size,
-                                 device=self.device),
-                "step": torch.zeros(1, dtype=torch.int64, device=self.device),
-                "coef": coef, "temb": temb, "key": key, "clip": clip, "rule": rule,
-                "variant": self.variant(batch)}
+        shape = (batch, c.in_channels, c.sample_size, c.sample_size)
+        state = {"x": torch.zeros(shape, device=self.device),
+                 "step": torch.zeros(1, dtype=torch.int64, device=self.device),
+                 "coef": coef, "temb": temb, "key": key, "clip": clip, "rule": rule,
+                 "variant": self.variant(batch)}
+        if rule[0] == "solver":          # x_last, m1, m2, m3 (solvers/table.py)
+            state["buffers"] = [torch.zeros(shape, device=self.device) for _ in range(4)]
+        return state
 
     def _warm_up(self, state: dict) -> None:
         """Two steps before capture (allocator, cuDNN plans, compilation), each from row 0 so
@@ -387,7 +431,9 @@ class FastRunner:
         """(state, run-one-step) for a run: the cached graph with this run's tables copied into
         its buffers, or eager steps when graphs are off or capture failed. rule: (threshold,
         learned variance), both None for the fused step."""
-        check_plan(coef, timesteps)
+        from .solvers import COLS
+
+        check_plan(coef, timesteps, COLS if rule[0] == "solver" else COEF_COLS)
         coef = coef.to(self.device)
         temb = self.time_table(timesteps)
         if self.use_graphs:
@@ -428,6 +474,32 @@ class FastRunner:
                 run()
                 if (i + 1) % WATCH_EVERY == 0 or i == len(timesteps) - 1:
                     check_finite(state["x"], i, timesteps[i], first_image)
+                if progress is not None:
+                    progress(1)
+        return state["x"].clone()
+
+    @torch.no_grad()
+    def sample_plan(self, plan, batch: int, seed: int, first_image: int = 0,
+                    num_train_timesteps: int = 1000, progress=None) -> torch.Tensor:
+        """A few-step solver's run (solvers/table.py Plan) from Philox x_T · init_noise_sigma,
+        its noise keyed by (seed, image index) at each row's WORD: the same images as the
+        reference loop given the same noise (pipeline._sample_plan)."""
+        rule = ("solver", plan.corrector, plan.stochastic,
+                None if plan.threshold is None else tuple(plan.threshold), plan.keep_channels)
+        c = self.unet.config
+        shape = (batch, c.in_channels, c.sample_size, c.sample_size)
+        x_T = philox_normal(shape, seed, num_train_timesteps, first_image, self.device)
+        with cudnn_benchmark(self.autotune_convs):
+            state, run = self._prepare(plan.table, plan.timesteps, batch,
+                                       key_tensor(seed, first_image, self.device), False, rule)
+            state["x"].copy_(x_T * plan.init_noise_sigma)
+            for buffer in state["buffers"]:      # no row reads a buffer before writing it,
+                buffer.zero_()                   # but a NaN left by a last run would stay NaN
+            state["step"].zero_()
+            for i, t in enumerate(plan.timesteps):
+                run()
+                if (i + 1) % WATCH_EVERY == 0 or i == len(plan.timesteps) - 1:
+                    check_finite(state["x"], i, t, first_image)
                 if progress is not None:
                     progress(1)
         return state["x"].clone()

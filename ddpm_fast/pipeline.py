@@ -22,6 +22,7 @@ from .images import model_to_unit, unit_to_uint8
 from .sampling import (NoiseSource, check_model_output, ddim_draws, ddim_sample, ddpm_sample,
                        sample_loop)
 from .schedule import Schedule, check_scheduler_config
+from .solvers import BY_SAMPLER, BY_SCHEDULER, FAMILIES
 from .unet import UNet2DModel
 
 MODES = ("reference", "fast")
@@ -73,7 +74,9 @@ def draw_seed(generator=None) -> int:
 
 # Sampling steps when none are given, in the API and the CLI alike: the default of diffusers'
 # pipeline for that sampler (DDPMPipeline 1000, DDIMPipeline 50)
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, **{f.sampler: 20 for f in FAMILIES}}
+# The samplers by name: DDPM, DDIM and each few-step solver family's (solvers.FAMILIES)
+SAMPLERS = tuple(DEFAULT_STEPS)
 
 
 def default_steps(sampler: str, num_train_timesteps: int) -> int:
@@ -95,8 +98,22 @@ def check_sampler_arguments(sampler: str, eta, variance) -> None:
         raise ValueError(f"eta={eta!r} is a DDIM argument; the {sampler.upper()} sampler has no "
                          "η (sample DDIM: sampler='ddim' / --sampler ddim, or a DDIMScheduler)")
     if variance is not None and sampler != "ddpm":
+        why = "variance is set by η" if sampler == "ddim" else "steps are set by its scheduler"
         raise ValueError(f"variance={variance!r} is a DDPM argument; the {sampler.upper()} "
-                         "sampler's variance is set by η")
+                         f"sampler's {why}")
+
+
+def solver_betas(settings: dict) -> dict:
+    """The DDPMScheduler settings of a solver's config that define the training noise schedule
+    (the pipeline's Schedule: timesteps, betas, prediction type)."""
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+            "prediction_type", "rescale_betas_zero_snr")
+    return {"clip_sample": False, **{k: settings[k] for k in keys if k in settings}}
+
+
+def sampler_of(kind: str) -> str:
+    """The sampler name of a scheduler kind (schedulers.read_config's)."""
+    return kind if kind in ("ddpm", "ddim") else BY_SCHEDULER[kind].sampler
 
 
 class DDPMPipeline:
@@ -147,31 +164,46 @@ class DDPMPipeline:
     def _set_scheduler(self, kind: str, config: dict, obj) -> None:
         """Validate a scheduler's settings (every one honoured or refused by name) and switch
         the sampler to it; nothing changes when a setting is refused."""
-        from .schedulers import DDIMScheduler, DDPMScheduler, ddpm_part
+        from . import schedulers
 
+        solver = None
         if kind == "ddpm":
             settings = check_scheduler_config(config)
             ddpm_config, ddim_extra = config, None
-        else:
+        elif kind == "ddim":
             settings = config                        # schedulers.ddim_settings' output
-            ddpm_config = ddpm_part(settings)
+            ddpm_config = schedulers.ddpm_part(settings)
             ddim_extra = {"set_alpha_to_one": settings["set_alpha_to_one"]}
+        else:                                        # a few-step solver's settings
+            settings, ddim_extra, solver = config, None, (kind, config)
+            ddpm_config = solver_betas(config)
         schedule = Schedule.from_scheduler_config(ddpm_config, self.numerics)
-        self._check_unet_output(kind, settings.get("variance_type", "fixed_small"))
+        self._check_unet_output(kind, settings.get("variance_type") or "fixed_small")
         if obj is None:
-            cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
+            cls = getattr(schedulers, schedulers.class_name(kind))
             obj = cls.from_config({k: v for k, v in settings.items()})
-        self.scheduler_config = ddpm_config
+        self.scheduler_config = ddpm_config if solver is None else \
+            {"_class_name": kind, **settings}
         self.schedule = schedule
-        self.variance = settings.get("variance_type", "fixed_small")
-        self.clip = settings["clip_sample"]
-        self._ddim = ddim_extra                      # None: the scheduler is a DDPMScheduler
+        self.variance = "fixed_small" if solver else settings.get("variance_type", "fixed_small")
+        self.clip = settings.get("clip_sample", False)
+        self._ddim = ddim_extra                      # None: the scheduler is not a DDIMScheduler
+        self._solver = solver                        # (class name, settings) of a solver
         self._scheduler = obj
 
     def _check_unet_output(self, sampler: str, variance: str) -> None:
         """The U-Net's output channels fit the sampler: 2 × in_channels exactly for a learned
         variance (DDPM only: diffusers' DDIMScheduler does not split the variance off)."""
+        from .schedule import LEARNED_VARIANCES
+
         c = self.unet.config
+        if sampler not in ("ddpm", "ddim"):          # a solver: learned variances split off
+            want = 2 * c.in_channels if variance in LEARNED_VARIANCES else c.in_channels
+            if c.out_channels != want:
+                raise ValueError(f"this U-Net has out_channels={c.out_channels} for in_channels="
+                                 f"{c.in_channels}; the {sampler} scheduler with variance_type="
+                                 f"{variance!r} needs {want}")
+            return
         if sampler == "ddim" and c.out_channels != c.in_channels:
             raise ValueError(f"DDIM needs a U-Net whose output is shaped like the image; this one "
                              f"has out_channels={c.out_channels} for in_channels={c.in_channels}"
@@ -380,7 +412,7 @@ class DDPMPipeline:
     def save_pretrained(self, path) -> None:
         """A diffusers folder with the U-Net and pipe.scheduler's settings (a DDIMScheduler's
         folder names that class, as diffusers' save_pretrained writes it)."""
-        config = dict(self.scheduler_config)
+        config = dict(self.scheduler_config)    # a solver's names its class
         if self._ddim is not None:
             config = {"_class_name": "DDIMScheduler", **config, **self._ddim}
         checkpoints.save_pretrained(self.unet, path, config)
@@ -434,12 +466,22 @@ class DDPMPipeline:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if sampler is None:
-            sampler = "ddpm" if self._ddim is None else "ddim"
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+            sampler = self.default_sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if num_inference_steps is None:
             num_inference_steps = default_steps(sampler, self.schedule.num_timesteps)
         num_inference_steps = positive_int(num_inference_steps, "num_inference_steps")
+        if sampler in BY_SAMPLER:
+            if use_clipped_model_output is not None or clip is not None:
+                raise ValueError(f"{'clip' if clip is not None else 'use_clipped_model_output'}"
+                                 f" is a DDPM / DDIM argument; the {sampler} sampler's "
+                                 "scheduler settings say what it does with x̂0")
+            check_sampler_arguments(sampler, eta, variance)
+            plan = self.solver_plan(sampler, num_inference_steps)
+            x = self._sample_plan(plan, batch_size, generator, seed, first_image, progress)
+            images = to_output(x, output_type)
+            return ImagePipelineOutput(images) if return_dict else (images,)
         scheduler_ddim = sampler == "ddim" and self._ddim is not None
         if use_clipped_model_output and not scheduler_ddim:
             raise ValueError("use_clipped_model_output is a DDIMScheduler argument: set "
@@ -499,6 +541,69 @@ class DDPMPipeline:
         self.last_peak_memory = memory.peak_bytes(self.device)
         images = to_output(x, output_type)
         return ImagePipelineOutput(images) if return_dict else (images,)
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler pipe.scheduler runs: "ddpm", "ddim" or a solver family's name."""
+        if self._solver is not None:
+            return sampler_of(self._solver[0])
+        return "ddpm" if self._ddim is None else "ddim"
+
+    def solver_plan(self, sampler: str, num_inference_steps: int):
+        """The plan (solvers/table.py) of a few-step sampler: with pipe.scheduler's settings when
+        it is that sampler's scheduler, else the scheduler diffusers' swap would make,
+        XScheduler.from_config(pipe.scheduler.config) (the settings the classes share carry
+        over; the others take the solver's defaults)."""
+        family = BY_SAMPLER[sampler]
+        if self._solver is not None and self._solver[0] == family.scheduler:
+            settings = self._solver[1]
+        else:
+            from .schedulers import live_config
+
+            settings = family.settings({k: v for k, v in live_config(self.scheduler).items()
+                                        if k in family.defaults})
+            self._check_unet_output(sampler, settings.get("variance_type") or "fixed_small")
+        return family.plan(settings, num_inference_steps)
+
+    def _sample_plan(self, plan, batch_size: int, generator, seed, first_image: int,
+                     progress) -> torch.Tensor:
+        """x_0 of a solver's plan: fast mode's runner, or the reference loop (diffusers' draws
+        from `generator`, or Philox noise keyed by (seed, image) when a seed is given)."""
+        from .ops.philox import philox_normal
+        from .sampling import check_finite
+        from .solvers import WORD, reference_sample
+
+        c = self.unet.config
+        shape = (batch_size, c.in_channels, c.sample_size, c.sample_size)
+        total = self.schedule.num_timesteps
+        memory.reset_peak(self.device)
+        if self.mode == "fast" and seed is None:
+            seed = draw_seed(generator)
+        bar = None
+        if progress is None:
+            bar = self.progress_bar(total=len(plan.timesteps))
+            progress = bar.update
+        try:
+            if self.mode == "fast":
+                x = self.runner.sample_plan(plan, batch_size, seed, first_image, total,
+                                            progress=progress)
+            elif seed is not None:
+                x_T = philox_normal(shape, seed, total, first_image, self.device)
+                words = plan.table[:, WORD].long().tolist()
+                x = reference_sample(
+                    self._model(), plan, shape, device=self.device,
+                    x_T=x_T * plan.init_noise_sigma, progress=progress,
+                    noise=lambda k: philox_normal(shape, seed, words[k], first_image,
+                                                  self.device))
+            else:
+                x = reference_sample(self._model(), plan, shape, generator, device=self.device,
+                                     progress=progress)
+            check_finite(x, len(plan.timesteps) - 1, plan.timesteps[-1], first_image)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.last_peak_memory = memory.peak_bytes(self.device)
+        return x
 
     # ------------------------------------------------------------------ benchmarks
     def benchmark_step_fn(self, batch: int):

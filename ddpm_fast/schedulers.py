@@ -3,8 +3,10 @@
 A diffusers user reads `pipe.scheduler.config` and swaps `pipe.scheduler` (for example
 `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`). These classes are light
 holders of a validated config with diffusers' names (no diffusers import): `DDPMScheduler`
-(every setting of check_scheduler_config) and `DDIMScheduler` (the same settings without
-`variance_type`, plus `set_alpha_to_one`). The pipeline samples with its own step tables; a
+(every setting of check_scheduler_config), `DDIMScheduler` (the same settings without
+`variance_type`, plus `set_alpha_to_one`) and the few-step solvers' classes
+(`DPMSolverMultistepScheduler`, …: solvers.FAMILIES, each family's settings check). The
+pipeline samples with its own step tables; a
 scheduler object of either library is read through its `.config` alone (duck typing) and its
 class name, and every setting is honoured or refused by name.
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from .schedule import DDPM_SCHEDULER_DEFAULTS, Schedule, check_scheduler_config
+from .solvers import BY_SCHEDULER
 
 # DDIMScheduler's arguments (diffusers 0.42) with their defaults.
 DDIM_SCHEDULER_DEFAULTS = {
@@ -37,7 +40,7 @@ DDIM_SCHEDULER_DEFAULTS = {
 }
 # diffusers' DDIMScheduler raises NotImplementedError for the other DDPM beta schedules
 DDIM_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler")
+SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", *BY_SCHEDULER)
 
 
 class FrozenConfig(OrderedDict):
@@ -106,30 +109,47 @@ def ddim_settings(config: dict) -> dict:
 
 
 def read_config(config: dict) -> tuple[str, dict]:
-    """("ddpm" | "ddim", every setting with defaults filled in) of a scheduler config dict (a
-    folder's scheduler_config.json): its _class_name picks the class, DDPMScheduler when absent;
-    any other class, and any setting not honoured, is a ValueError naming it."""
+    """(kind, every setting with defaults filled in) of a scheduler config dict (a folder's
+    scheduler_config.json): its _class_name picks the class, DDPMScheduler when absent. kind is
+    "ddpm", "ddim", or a few-step solver's class name (solvers.BY_SCHEDULER); any other class,
+    and any setting not honoured, is a ValueError naming it."""
     if not isinstance(config, dict):
         raise ValueError(f"scheduler config must be a dict, got {type(config).__name__}")
-    if config.get("_class_name") == "DDIMScheduler":
+    name = config.get("_class_name")
+    if name == "DDIMScheduler":
         return "ddim", ddim_settings(config)
+    if name in BY_SCHEDULER:
+        return name, BY_SCHEDULER[name].settings(config)
+    if name not in (None, "DDPMScheduler"):
+        raise ValueError(unsupported_class(name))
     return "ddpm", check_scheduler_config(config)
+
+
+def class_name(kind: str) -> str:
+    """The diffusers class of a read_config kind."""
+    return {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler"}.get(kind, kind)
+
+
+def defaults_of(kind: str) -> dict:
+    """Every setting of a read_config kind's class with its default."""
+    if kind in BY_SCHEDULER:
+        return BY_SCHEDULER[kind].defaults
+    return DDPM_SCHEDULER_DEFAULTS if kind == "ddpm" else DDIM_SCHEDULER_DEFAULTS
 
 
 def describe(config: dict) -> tuple[str, dict, str]:
     """(class name, its settings, the settings that differ from its defaults as text) of a
     scheduler config dict: what `ddpm-fast info` and `convert` show."""
     kind, settings = read_config(config)
-    name, defaults = (("DDPMScheduler", DDPM_SCHEDULER_DEFAULTS) if kind == "ddpm" else
-                      ("DDIMScheduler", DDIM_SCHEDULER_DEFAULTS))
+    name, defaults = class_name(kind), defaults_of(kind)
     diff = [f"{k}={v!r}" for k, v in settings.items()
-            if v != defaults[k] and k != "trained_betas"]
+            if v != defaults.get(k) and k != "trained_betas"]
     if settings["trained_betas"] is not None:
         diff.append(f"trained_betas=[{len(settings['trained_betas'])} values]")
     if not diff:
         return name, settings, f"all {name} defaults"
     text = ", ".join(diff)
-    return name, settings, text if kind == "ddpm" else f"DDIMScheduler with {text}"
+    return name, settings, text if kind == "ddpm" else f"{name} with {text}"
 
 
 def ddpm_part(ddim_config: dict) -> dict:
@@ -204,6 +224,35 @@ class DDIMScheduler(_Scheduler):
         return ddim_settings(dict(settings))
 
 
+class _SolverScheduler(_Scheduler):
+    """A few-step solver's settings (solvers.FAMILIES): set_timesteps gives the timesteps and
+    init_noise_sigma its plan runs with."""
+
+    FAMILY = ""
+
+    @classmethod
+    def _family(cls):
+        return BY_SCHEDULER[cls.FAMILY]
+
+    @classmethod
+    def _validate(cls, settings):
+        return cls._family().settings(dict(settings))
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        plan = self._family().plan(dict(self.config), int(num_inference_steps))
+        self.num_inference_steps = int(num_inference_steps)
+        self.init_noise_sigma = plan.init_noise_sigma
+        self.timesteps = torch.tensor(plan.timesteps, device=device)
+
+
+class DPMSolverMultistepScheduler(_SolverScheduler):
+    """The settings of diffusers' DPMSolverMultistepScheduler (solvers/dpmsolver.py): the
+    pipeline samples DPM-Solver(++) with them, as diffusers' canonical loop does."""
+
+    FAMILY = "DPMSolverMultistepScheduler"
+    DEFAULTS = BY_SCHEDULER[FAMILY].defaults
+
+
 def read_scheduler(scheduler) -> tuple[str, dict]:
     """("ddpm" | "ddim", validated settings) of a scheduler object of diffusers or ddpm_fast,
     read through its class name and `.config`; a ValueError names what is not honoured."""
@@ -214,13 +263,15 @@ def read_scheduler(scheduler) -> tuple[str, dict]:
                         f"{type(scheduler).__name__}")
     name = type(scheduler).__name__
     if name not in SCHEDULER_CLASSES:
-        raise ValueError(f"scheduler {name} is not supported: ddpm_fast samples with "
-                         f"{' or '.join(SCHEDULER_CLASSES)} (their settings are honoured or "
-                         "refused by name)")
+        raise ValueError(unsupported_class(name))
     config = {k: v for k, v in live_config(config).items() if not k.startswith("_")}
-    if name == "DDPMScheduler":
-        return "ddpm", check_scheduler_config(config)
-    return "ddim", ddim_settings(config)
+    return read_config({**config, "_class_name": name})
+
+
+def unsupported_class(name: str) -> str:
+    """Why a scheduler class is refused, listing the ones that are honoured."""
+    return (f"scheduler {name} is not supported: ddpm_fast samples with "
+            f"{', '.join(SCHEDULER_CLASSES)} (their settings are honoured or refused by name)")
 
 
 def ddim_table(schedule: Schedule, timesteps, eta: float = 0.0, set_alpha_to_one: bool = True,

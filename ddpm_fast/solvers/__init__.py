@@ -2,15 +2,39 @@
 
 table: the common row layout, Plan, the torch step (solver_step) and the reference loop
     (reference_sample) every solver family shares.
+FAMILIES: each scheduler class with its sampler name (BY_SCHEDULER, BY_SAMPLER look them up).
 dpmsolver: diffusers' DPMSolverMultistepScheduler (DPM-Solver, DPM-Solver++, their SDE
     variants): dpm_settings (every setting honoured or refused by name), dpm_plan.
 """
+from dataclasses import dataclass
+from typing import Callable
+
 from .dpmsolver import DPM_SCHEDULER_DEFAULTS, dpm_plan, dpm_settings
 from .table import (A, B0, B1, B2, C_IN, COLS, COLUMN_NAMES, K0, K1, K2, K3, KL, KX, ORDER, P, Q,
                     S, T, THRESH, WORD, Plan, initial_state, randn_diffusers, reference_sample,
                     solver_step)
 
-__all__ = ["A", "B0", "B1", "B2", "C_IN", "COLS", "COLUMN_NAMES", "DPM_SCHEDULER_DEFAULTS", "K0",
+
+
+@dataclass(frozen=True)
+class Family:
+    """A diffusers scheduler class run as table rows: its settings check, its plan, its
+    defaults and the sampler name the pipeline and the CLI call it by."""
+    scheduler: str                        # the diffusers class name
+    sampler: str                          # pipe(sampler=…), ddpm-fast sample --sampler
+    defaults: dict
+    settings: Callable[[dict], dict]      # every setting, or a ValueError naming one
+    plan: Callable[[dict, int], Plan]     # (settings, num_inference_steps) → Plan
+
+
+FAMILIES = (
+    Family("DPMSolverMultistepScheduler", "dpm++", DPM_SCHEDULER_DEFAULTS, dpm_settings,
+           dpm_plan),
+)
+BY_SCHEDULER = {f.scheduler: f for f in FAMILIES}
+BY_SAMPLER = {f.sampler: f for f in FAMILIES}
+
+__all__ = ["BY_SAMPLER", "BY_SCHEDULER", "FAMILIES", "Family", "A", "B0", "B1", "B2", "C_IN", "COLS", "COLUMN_NAMES", "DPM_SCHEDULER_DEFAULTS", "K0",
            "K1", "K2", "K3", "KL", "KX", "ORDER", "P", "Q", "S", "T", "THRESH", "WORD", "Plan",
            "dpm_plan", "dpm_settings", "initial_state", "randn_diffusers", "reference_sample",
            "solver_step"]
