@@ -98,10 +98,38 @@ py::dict build_info() {
   d["compiler"] = std::string(__VERSION__);
   d["coef_cols"] = static_cast<int>(kCoefCols);   // step-table width the kernels read
   d["step_row_bound"] = true;                     // the step kernels take the table's rows
+  d["solver_cols"] = static_cast<int>(kSolverCols);  // few-step solver table width
   return d;
 }
 
 }  // namespace
+
+SolverArgs make_solver_args(std::array<uintptr_t, 5> state, uintptr_t out, int out_dtype,
+                            std::array<int64_t, 4> out_stride, uintptr_t coef, int64_t rows,
+                            uintptr_t step, uintptr_t key, std::array<int64_t, 4> shape,
+                            bool corrector, bool stochastic) {
+  if (out_dtype < kFloat32 || out_dtype > kFloat16) throw std::invalid_argument("bad out dtype code");
+  SolverArgs a;
+  a.x = ptr<float>(state[0]);
+  a.x_last = ptr<float>(state[1]);
+  a.m1 = ptr<float>(state[2]);
+  a.m2 = ptr<float>(state[3]);
+  a.m3 = ptr<float>(state[4]);
+  a.out = ptr<const void>(out);
+  a.out_dtype = out_dtype;
+  for (int i = 0; i < 4; ++i) a.out_stride[i] = out_stride[i];
+  a.coef = ptr<const float>(coef);
+  a.rows = rows;
+  a.step = ptr<const int64_t>(step);
+  a.key = ptr<const int64_t>(key);
+  a.n = shape[0];
+  a.c = shape[1];
+  a.h = shape[2];
+  a.w = shape[3];
+  a.corrector = corrector;
+  a.stochastic = stochastic;
+  return a;
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ddpm_fast native kernels (CPU always; CUDA when built with nvcc)";
@@ -116,6 +144,15 @@ PYBIND11_MODULE(_C, m) {
           py::gil_scoped_release release;
           ddpm_step_cpu(a);
         });
+  m.def("solver_step_cpu",
+        [](std::array<uintptr_t, 5> state, uintptr_t out, int out_dtype,
+           std::array<int64_t, 4> out_stride, uintptr_t coef, int64_t rows, uintptr_t step,
+           uintptr_t key, std::array<int64_t, 4> shape, bool corrector, bool stochastic) {
+          SolverArgs a = make_solver_args(state, out, out_dtype, out_stride, coef, rows, step,
+                                          key, shape, corrector, stochastic);
+          py::gil_scoped_release release;
+          solver_step_cpu(a);
+        }, "One few-step solver step; state = (x, x_last, m1, m2, m3) addresses, in place.");
   m.def("philox_normal_cpu",
         [](uintptr_t out, uintptr_t key, uintptr_t step, int64_t n, int64_t per_image) {
           NoiseArgs a = make_noise_args(out, key, step, n, per_image);
@@ -145,6 +182,15 @@ PYBIND11_MODULE(_C, m) {
           StepArgs a = make_step_args(x, eps, eps_dtype, eps_stride, noise, out, coef, rows, step,
                                       key, shape, clip);
           check_cuda(ddpm_step_cuda(a, stream), "ddpm_step_cuda");
+        });
+  m.def("solver_step_cuda",
+        [](std::array<uintptr_t, 5> state, uintptr_t out, int out_dtype,
+           std::array<int64_t, 4> out_stride, uintptr_t coef, int64_t rows, uintptr_t step,
+           uintptr_t key, std::array<int64_t, 4> shape, bool corrector, bool stochastic,
+           uintptr_t stream) {
+          SolverArgs a = make_solver_args(state, out, out_dtype, out_stride, coef, rows, step,
+                                          key, shape, corrector, stochastic);
+          check_cuda(solver_step_cuda(a, stream), "solver_step_cuda");
         });
   m.def("philox_normal_cuda", [](uintptr_t out, uintptr_t key, uintptr_t step, int64_t n,
                                  int64_t per_image, uintptr_t stream) {

@@ -85,6 +85,38 @@ inline void philox_normals(uint64_t seed, uint32_t image, uint32_t step, int64_t
   }
 }
 
+// Columns of a few-step solver's table (float32 [num_steps, kSolverCols]), see
+// ddpm_fast/solvers/table.py:
+//   m    = P * x + Q * out
+//   x_c  = KX * x + KL * x_last + K0 * m + K1 * m1 + K2 * m2 + K3 * m3   (with a corrector)
+//   x'   = A * x_c + B0 * m + B1 * m1 + B2 * m2 + S * z
+//   then x_last = x_c, m3 = m2, m2 = m1, m1 = m
+// WORD is the Philox step word of the step's noise; C_IN scales the U-Net's input (not here).
+enum SolverCol : int {
+  kCIn = 0, kP = 1, kQ = 2, kKX = 3, kKL = 4, kK0 = 5, kK1 = 6, kK2 = 7, kK3 = 8, kSA = 9,
+  kB0 = 10, kB1 = 11, kB2 = 12, kS = 13, kST = 14, kWord = 15, kOrder = 16, kThresh = 17,
+  kSolverCols = 20
+};
+
+// The state of one element across a solver step: the sample and the history buffers.
+struct SolverElem {
+  float x, x_last, m1, m2, m3;
+};
+
+// One solver step for one element, in the torch reference's order of operations (left to
+// right sums, no fused multiply-add on the CPU) so the CPU result is bit-equal to it.
+DDPM_HD SolverElem solver_update(SolverElem s, float out, float z, const float* c,
+                                 bool corrector, bool stochastic) {
+  const float m = c[kP] * s.x + c[kQ] * out;
+  float xc = s.x;
+  if (corrector)
+    xc = c[kKX] * s.x + c[kKL] * s.x_last + c[kK0] * m + c[kK1] * s.m1 + c[kK2] * s.m2 +
+         c[kK3] * s.m3;
+  float next = c[kSA] * xc + c[kB0] * m + c[kB1] * s.m1 + c[kB2] * s.m2;
+  if (stochastic) next = next + c[kS] * z;
+  return SolverElem{next, corrector ? xc : s.x_last, m, s.m1, s.m2};
+}
+
 // One sampler update for one element; coef points at the step's table row.
 DDPM_HD float sampler_update(float x, float eps, float z, const float* coef, bool clip) {
   float x0 = (coef[kD] * x - coef[kA] * eps) / coef[kB];

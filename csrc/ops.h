@@ -21,6 +21,25 @@ struct StepArgs {
   bool clip;
 };
 
+// Arguments of one few-step solver step (solvers/table.py), all state fp32 NCHW contiguous and
+// updated in place: x <- x', x_last, m1, m2, m3 <- the shifted history.
+struct SolverArgs {
+  float* x;                // [N, C, H, W]
+  float* x_last;           // [N, C, H, W] (read and written when corrector)
+  float* m1;               // [N, C, H, W] converted outputs of the last three steps
+  float* m2;
+  float* m3;
+  const void* out;         // [N, >= C, H, W] model output (its first C channels), out_dtype
+  int out_dtype;           // DType code
+  int64_t out_stride[4];   // in elements
+  const float* coef;       // [rows, kSolverCols]
+  int64_t rows;            // a step index outside [0, rows) writes NaN, never reads past coef
+  const int64_t* step;     // [1] index of the row to use (device memory on CUDA)
+  const int64_t* key;      // [2] (seed, index of image 0) of the Philox noise
+  int64_t n, c, h, w;
+  bool corrector, stochastic;
+};
+
 // Arguments of a standalone noise fill: out[n, :] = the normals of image first + n at `step`.
 struct NoiseArgs {
   float* out;              // [N, per_image] contiguous
@@ -46,6 +65,7 @@ struct GroupNormArgs {
 };
 
 void ddpm_step_cpu(const StepArgs& a);
+void solver_step_cpu(const SolverArgs& a);
 void group_norm_cpu(const GroupNormArgs& a);
 void philox_normal_cpu(const NoiseArgs& a);
 void philox_raw_cpu(uint32_t* out, int64_t count, uint32_t c1, uint32_t c2, uint32_t c3,
@@ -54,6 +74,7 @@ void philox_raw_cpu(uint32_t* out, int64_t count, uint32_t c1, uint32_t c2, uint
 #ifdef DDPM_FAST_WITH_CUDA
 // Launch on the given stream (cudaStream_t passed as an integer); returns a CUDA error code.
 int ddpm_step_cuda(const StepArgs& a, uintptr_t stream);
+int solver_step_cuda(const SolverArgs& a, uintptr_t stream);
 int philox_normal_cuda(const NoiseArgs& a, uintptr_t stream);
 const char* cuda_error_string(int code);
 int cuda_runtime_version();

@@ -36,6 +36,7 @@ from .ops.backend import UNET_SETTINGS, UNET_TABLE, unet_setting
 from .ops.ddpm_step import ddpm_step_general, ddpm_step_out, threshold_sample
 from .ops.philox import _philox_normal_op as philox_normal_op
 from .ops.philox import key_tensor, philox_normal
+from .ops.solver_step import solver_step_
 from .sampling import WATCH_EVERY, check_finite
 from .schedule import COEF_COLS, LEARNED_VARIANCES
 from .unet import TimeProjections, UNet2DModel
@@ -351,8 +352,10 @@ class FastRunner:
         step.add_(1)
 
     def _solver_step(self, state: dict, temb: TimeProjections) -> None:
-        """A few-step solver's step (solvers/table.py) in torch ops on fixed buffers: the row,
-        the Philox word and the noise stay on the device, so a CUDA graph captures it."""
+        """A few-step solver's step (solvers/table.py) on fixed buffers: the fused op
+        (ops/solver_step.py), or torch ops where dynamic thresholding (a per-image quantile)
+        takes part. The row, the Philox word and the noise stay on the device either way, so a
+        CUDA graph captures it."""
         from .solvers import table as col
 
         x, buffers = state["x"], state["buffers"]
@@ -360,6 +363,10 @@ class FastRunner:
         row = state["coef"].index_select(0, state["step"]).reshape(-1)
         inp = (x * row[col.C_IN]).to(dtype=self.dtype, memory_format=self.memory_format)
         out = self._unet(inp, temb, state["variant"])
+        if threshold is None:            # the fused kernel (it reads out's first C channels)
+            solver_step_(x, *buffers, out, state["coef"], state["step"], state["key"],
+                         corrector, stochastic)
+            return
         if keep is not None:
             out = out[:, :keep]
         m = row[col.P] * x + row[col.Q] * out.float()

@@ -5,7 +5,7 @@ A diffusers user reads `pipe.scheduler.config` and swaps `pipe.scheduler` (for e
 holders of a validated config with diffusers' names (no diffusers import): `DDPMScheduler`
 (every setting of check_scheduler_config), `DDIMScheduler` (the same settings without
 `variance_type`, plus `set_alpha_to_one`) and the few-step solvers' classes
-(`DPMSolverMultistepScheduler`, …: solvers.FAMILIES, each family's settings check). The
+(`DPMSolverMultistepScheduler`, `UniPCMultistepScheduler`, …: solvers.FAMILIES, each family's settings check). The
 pipeline samples with its own step tables; a
 scheduler object of either library is read through its `.config` alone (duck typing) and its
 class name, and every setting is honoured or refused by name.
@@ -250,6 +250,14 @@ class DPMSolverMultistepScheduler(_SolverScheduler):
     pipeline samples DPM-Solver(++) with them, as diffusers' canonical loop does."""
 
     FAMILY = "DPMSolverMultistepScheduler"
+    DEFAULTS = BY_SCHEDULER[FAMILY].defaults
+
+
+class UniPCMultistepScheduler(_SolverScheduler):
+    """The settings of diffusers' UniPCMultistepScheduler (solvers/unipc.py): UniP predictor
+    and UniC corrector, as diffusers' canonical loop samples with them."""
+
+    FAMILY = "UniPCMultistepScheduler"
     DEFAULTS = BY_SCHEDULER[FAMILY].defaults
 
 

@@ -1,5 +1,5 @@
 """Issue 21: the few-step solvers in the drop-in pipeline. A folder whose scheduler is
-DPMSolverMultistepScheduler, the `pipe.scheduler` swap and ddpm_fast's own scheduler objects all
+DPMSolverMultistepScheduler or UniPCMultistepScheduler, the `pipe.scheduler` swap and ddpm_fast's own scheduler objects all
 sample as diffusers' loop does (reference mode, same generator, same state after); fast mode
 (fp32) gives reference mode's images on the same Philox noise, and an image does not depend on
 its batch. The shipped digits model keeps samples O(1), so 1e-5 is an absolute bound."""
@@ -12,7 +12,7 @@ import torch
 import ddpm_fast
 import ddpm_fast.cli
 from ddpm_fast.cli import default_model_path
-from ddpm_fast.schedulers import DPMSolverMultistepScheduler
+from ddpm_fast.schedulers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -66,6 +66,41 @@ def test_folder_with_dpm_scheduler_samples_as_diffusers(tmp_path, digits_unet, n
     _same(_run(theirs), _run(ours))
 
 
+def _canonical(unet, scheduler, steps=STEPS, batch=2):
+    """diffusers' canonical loop, for schedulers DDPMPipeline cannot run (UniPC's step takes no
+    generator): (images as DDPMPipeline outputs them, generator state)."""
+    import inspect
+
+    g = torch.Generator().manual_seed(0)
+    c = unet.config
+    x = torch.randn((batch, c.in_channels, c.sample_size, c.sample_size), generator=g)
+    x = x * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps)
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(x, t), t).sample
+            kw = {"generator": g} if takes_generator else {}
+            x = scheduler.step(out, t, x, **kw).prev_sample
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), g.get_state()
+
+
+UNIPC = {
+    "bh2 order 3": {"solver_order": 3},
+    "bh1 sigma_min": {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+    "karras, corrector off at 2": {"use_karras_sigmas": True, "disable_corrector": [2]},
+}
+
+
+@pytest.mark.parametrize("name", list(UNIPC))
+def test_folder_with_unipc_samples_as_diffusers_canonical_loop(tmp_path, digits_unet, name):
+    sched = diffusers.UniPCMultistepScheduler(**UNIPC[name])
+    _folder(tmp_path, digits_unet, sched)
+    ours = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
+    assert ours.default_sampler == "unipc"
+    _same(_canonical(digits_unet, sched), _run(ours))
+
+
 def test_scheduler_swap_samples_as_diffusers(tmp_path, digits_unet):
     _folder(tmp_path, digits_unet, diffusers.DDPMScheduler())
     # loaded from the folder, as a user has it (a scheduler built in memory lists its defaulted
@@ -98,13 +133,18 @@ def test_save_pretrained_round_trips_the_solver(tmp_path, digits_unet):
     assert dict(again.scheduler.config) == dict(ours.scheduler.config)
 
 
-@pytest.mark.parametrize("config", [{}, {"algorithm_type": "sde-dpmsolver++"}])
-def test_fast_mode_equals_reference_on_the_same_noise(config):
+@pytest.mark.parametrize("cls, config", [
+    (DPMSolverMultistepScheduler, {}),
+    (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    (UniPCMultistepScheduler, {"solver_order": 3}),                  # the corrector's buffers
+    (DPMSolverMultistepScheduler, {"thresholding": True, "sample_max_value": 0.8}),  # torch step
+])
+def test_fast_mode_equals_reference_on_the_same_noise(cls, config):
     ref = ddpm_fast.DDPMPipeline.from_pretrained(default_model_path())
     fast = ddpm_fast.DDPMPipeline.from_pretrained(default_model_path(), mode="fast",
                                                   dtype=torch.float32)
     for pipe in (ref, fast):
-        pipe.scheduler = DPMSolverMultistepScheduler(**config)
+        pipe.scheduler = cls(**config)
         pipe.set_progress_bar_config(disable=True)
     kw = dict(seed=3, num_inference_steps=STEPS, output_type="pt")
     want = ref(batch_size=3, **kw).images
@@ -139,4 +179,5 @@ def test_cli_samples_with_dpm(tmp_path, capsys):
         ddpm_fast.cli.main(["sample", "--help"])
     except SystemExit:
         pass
-    assert "dpm++" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "dpm++" in shown and "unipc" in shown

@@ -38,6 +38,7 @@ IMPLEMENTATIONS = {
     "group_norm": ("torch", "native", "triton"),
     "attention": ("torch", "triton"),
     "ddpm_step": ("torch", "native", "triton"),
+    "solver_step": ("torch", "native", "triton"),
     "philox_normal": ("torch", "native", "triton"),
     "conv2d": ("torch", "triton"),
 }
@@ -57,6 +58,10 @@ TABLE = {
                                             f"(Triton 2.2x), both 2.6-3.6x at 64 and 256 "
                                             f"({H100_KERNELS})"),
     ("ddpm_step", "cpu"): Choice("native", "OpenMP C++; torch's ops make ~10 passes"),
+    ("solver_step", "cuda"): Choice("native", "not yet timed on a GPU: the CUDA kernel has "
+                                              "ddpm_step's structure (one thread per Philox "
+                                              "group), which measured fastest there"),
+    ("solver_step", "cpu"): Choice("native", "OpenMP C++, one pass; torch's ops make ~12"),
     ("philox_normal", "cuda"): Choice("native", "the same generator as ddpm_step's"),
     ("philox_normal", "cpu"): Choice("native", "OpenMP C++ against torch int64 emulation"),
     ("conv2d", "cuda"): Choice("triton", "our only GPU implementation of the fused op; per-shape "

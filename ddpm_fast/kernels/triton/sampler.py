@@ -173,3 +173,88 @@ def ddpm_step(out, x, eps, coef, step, key, noise, clip: bool) -> None:
                             coef.shape[0], chw, h * w, w, *eps.stride(),
                             HAS_NOISE=noise is not None, CLIP=clip, BLOCK=BLOCK,
                             COEF_COLS=schedule.COEF_COLS)
+
+
+@triton.jit
+def _solver_update(x_ptr, last_ptr, m1_ptr, m2_ptr, m3_ptr, out_ptr, n, e, chw, hw, w,
+                   s_n, s_c, s_h, s_w, z, p, q, kx, kl, k0, k1, k2, k3, a, b0, b1, b2, s,
+                   poison, CORRECTOR: tl.constexpr, STOCHASTIC: tl.constexpr):
+    mask = e < chw
+    idx = n.to(tl.int64) * chw + e
+    ch = e // hw
+    pix = e % hw
+    out_off = n.to(tl.int64) * s_n + ch * s_c + (pix // w) * s_h + (pix % w) * s_w
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0)
+    m1 = tl.load(m1_ptr + idx, mask=mask, other=0.0)
+    m2 = tl.load(m2_ptr + idx, mask=mask, other=0.0)
+    out = tl.load(out_ptr + out_off, mask=mask, other=0.0).to(tl.float32)
+    m = p * x + q * out
+    xc = x
+    if CORRECTOR:
+        last = tl.load(last_ptr + idx, mask=mask, other=0.0)
+        m3 = tl.load(m3_ptr + idx, mask=mask, other=0.0)
+        xc = kx * x + kl * last + k0 * m + k1 * m1 + k2 * m2 + k3 * m3
+        tl.store(last_ptr + idx, xc, mask=mask)
+    nxt = a * xc + b0 * m + b1 * m1 + b2 * m2
+    if STOCHASTIC:
+        nxt = nxt + s * z
+    tl.store(m3_ptr + idx, m2, mask=mask)
+    tl.store(m2_ptr + idx, m1, mask=mask)
+    tl.store(m1_ptr + idx, m, mask=mask)
+    tl.store(x_ptr + idx, nxt + poison, mask=mask)
+
+
+@triton.jit
+def _solver_step_kernel(
+    x_ptr, last_ptr, m1_ptr, m2_ptr, m3_ptr,   # float32 [N, C, H, W] contiguous, in place
+    out_ptr,        # fp32/bf16/fp16 model output, its first C channels, strides s_n..s_w
+    coef_ptr,       # float32 [steps, SOLVER_COLS] (ddpm_fast/solvers/table.py)
+    step_ptr,       # int64 [1]: the row of coef to use
+    key_ptr,        # int64 [2]: seed, index of image 0 (Philox when STOCHASTIC)
+    rows, chw, hw, w, s_n, s_c, s_h, s_w,
+    CORRECTOR: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
+    SOLVER_COLS: tl.constexpr,
+):
+    n = tl.program_id(1)
+    group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    st = tl.load(step_ptr)
+    inside = (st >= 0) & (st < rows)
+    row = coef_ptr + tl.where(inside, st, 0) * SOLVER_COLS     # never read past the table
+    poison = tl.where(inside, 0.0, float("nan"))
+    p, q = tl.load(row + 1), tl.load(row + 2)
+    kx, kl, k0 = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+    k1, k2, k3 = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8)
+    a, b0, b1, b2 = tl.load(row + 9), tl.load(row + 10), tl.load(row + 11), tl.load(row + 12)
+    s = tl.load(row + 13)
+    zero = tl.zeros([BLOCK], dtype=tl.float32)
+    z0, z1, z2, z3 = zero, zero, zero, zero
+    if STOCHASTIC:
+        seed_lo, seed_hi, image = _key_words(key_ptr, n)
+        word = tl.load(row + 15).to(tl.uint32)
+        z0, z1, z2, z3 = _normals4(seed_lo, seed_hi, image, word, group.to(tl.uint32))
+    e = group.to(tl.int64) * 4
+    _solver_update(x_ptr, last_ptr, m1_ptr, m2_ptr, m3_ptr, out_ptr, n, e, chw, hw, w,
+                   s_n, s_c, s_h, s_w, z0, p, q, kx, kl, k0, k1, k2, k3, a, b0, b1, b2, s,
+                   poison, CORRECTOR, STOCHASTIC)
+    _solver_update(x_ptr, last_ptr, m1_ptr, m2_ptr, m3_ptr, out_ptr, n, e + 1, chw, hw, w,
+                   s_n, s_c, s_h, s_w, z1, p, q, kx, kl, k0, k1, k2, k3, a, b0, b1, b2, s,
+                   poison, CORRECTOR, STOCHASTIC)
+    _solver_update(x_ptr, last_ptr, m1_ptr, m2_ptr, m3_ptr, out_ptr, n, e + 2, chw, hw, w,
+                   s_n, s_c, s_h, s_w, z2, p, q, kx, kl, k0, k1, k2, k3, a, b0, b1, b2, s,
+                   poison, CORRECTOR, STOCHASTIC)
+    _solver_update(x_ptr, last_ptr, m1_ptr, m2_ptr, m3_ptr, out_ptr, n, e + 3, chw, hw, w,
+                   s_n, s_c, s_h, s_w, z3, p, q, kx, kl, k0, k1, k2, k3, a, b0, b1, b2, s,
+                   poison, CORRECTOR, STOCHASTIC)
+
+
+def solver_step(state, out, coef, step, key, corrector: bool, stochastic: bool) -> None:
+    """One few-step solver step in place on state = (x, x_last, m1, m2, m3)."""
+    from ...solvers import COLS
+
+    x = state[0]
+    n, c, h, w = x.shape
+    chw = c * h * w
+    grid = (triton.cdiv(triton.cdiv(chw, 4), BLOCK), n)
+    _solver_step_kernel[grid](*state, out, coef, step, key, coef.shape[0], chw, h * w, w,
+                              *out.stride(), CORRECTOR=corrector, STOCHASTIC=stochastic,
+                              BLOCK=BLOCK, SOLVER_COLS=COLS)
