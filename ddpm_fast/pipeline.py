@@ -452,12 +452,13 @@ class DDPMPipeline:
                  first_image: int = 0, sampler: Optional[str] = None, eta: Optional[float] = None,
                  use_clipped_model_output: Optional[bool] = None,
                  variance: Optional[str] = None, clip: Optional[bool] = None, progress=None):
-        """sampler: "ddpm" or "ddim", by default the scheduler's (pipe.scheduler: a
-        DDIMScheduler samples DDIM exactly as diffusers' DDIMScheduler.step, with eta and
-        use_clipped_model_output as in DDIMPipeline). sampler="ddim" with a DDPMScheduler is
-        ddpm_fast's DDIM extra (schedule.ddim_table). num_inference_steps: by default 1000 for
-        DDPM and 50 for DDIM, as diffusers' DDPMPipeline and DDIMPipeline (default_steps; at most
-        the model's timesteps), the same as the CLI's. progress: a callable taking the number of
+        """sampler: "ddpm", "ddim" or a few-step solver's name (SAMPLERS: "dpm++", "unipc", …),
+        by default the scheduler's (pipe.scheduler: a DDIMScheduler samples DDIM exactly as
+        diffusers' DDIMScheduler.step, with eta and use_clipped_model_output as in DDIMPipeline;
+        a solver's class as diffusers' canonical loop with it, solver_plan). sampler="ddim" with
+        a DDPMScheduler is ddpm_fast's DDIM extra (schedule.ddim_table). num_inference_steps: by
+        default 1000 for DDPM and 50 for DDIM, as diffusers' DDPMPipeline and DDIMPipeline, 20
+        for a solver (default_steps; at most the model's timesteps), the same as the CLI's. progress: a callable taking the number of
         finished steps; without it a tqdm bar is shown as in diffusers
         (set_progress_bar_config(disable=True) hides it)."""
         if batch_size == "auto":

@@ -5,7 +5,8 @@ A diffusers user reads `pipe.scheduler.config` and swaps `pipe.scheduler` (for e
 holders of a validated config with diffusers' names (no diffusers import): `DDPMScheduler`
 (every setting of check_scheduler_config), `DDIMScheduler` (the same settings without
 `variance_type`, plus `set_alpha_to_one`) and the few-step solvers' classes
-(`DPMSolverMultistepScheduler`, `UniPCMultistepScheduler`, …: solvers.FAMILIES, each family's settings check). The
+(`DPMSolverMultistepScheduler`, `UniPCMultistepScheduler`, `EulerDiscreteScheduler`,
+`EulerAncestralDiscreteScheduler`, `DEISMultistepScheduler`: solvers.FAMILIES, each family's settings check). The
 pipeline samples with its own step tables; a
 scheduler object of either library is read through its `.config` alone (duck typing) and its
 class name, and every setting is honoured or refused by name.
@@ -258,6 +259,28 @@ class UniPCMultistepScheduler(_SolverScheduler):
     and UniC corrector, as diffusers' canonical loop samples with them."""
 
     FAMILY = "UniPCMultistepScheduler"
+    DEFAULTS = BY_SCHEDULER[FAMILY].defaults
+
+
+class EulerDiscreteScheduler(_SolverScheduler):
+    """The settings of diffusers' EulerDiscreteScheduler (solvers/euler.py): x_T scaled by
+    init_noise_sigma, the U-Net's input by 1/√(σ²+1), as diffusers' canonical loop."""
+
+    FAMILY = "EulerDiscreteScheduler"
+    DEFAULTS = BY_SCHEDULER[FAMILY].defaults
+
+
+class EulerAncestralDiscreteScheduler(_SolverScheduler):
+    """The settings of diffusers' EulerAncestralDiscreteScheduler (solvers/euler.py)."""
+
+    FAMILY = "EulerAncestralDiscreteScheduler"
+    DEFAULTS = BY_SCHEDULER[FAMILY].defaults
+
+
+class DEISMultistepScheduler(_SolverScheduler):
+    """The settings of diffusers' DEISMultistepScheduler (solvers/deis.py)."""
+
+    FAMILY = "DEISMultistepScheduler"
     DEFAULTS = BY_SCHEDULER[FAMILY].defaults
 
 

@@ -1,5 +1,5 @@
 """Issue 21: the few-step solvers in the drop-in pipeline. A folder whose scheduler is
-DPMSolverMultistepScheduler or UniPCMultistepScheduler, the `pipe.scheduler` swap and ddpm_fast's own scheduler objects all
+DPMSolverMultistepScheduler, UniPC, Euler (ancestral) or DEIS, the `pipe.scheduler` swap and ddpm_fast's own scheduler objects all
 sample as diffusers' loop does (reference mode, same generator, same state after); fast mode
 (fp32) gives reference mode's images on the same Philox noise, and an image does not depend on
 its batch. The shipped digits model keeps samples O(1), so 1e-5 is an absolute bound."""
@@ -12,7 +12,8 @@ import torch
 import ddpm_fast
 import ddpm_fast.cli
 from ddpm_fast.cli import default_model_path
-from ddpm_fast.schedulers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from ddpm_fast.schedulers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                                  UniPCMultistepScheduler)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -73,9 +74,9 @@ def _canonical(unet, scheduler, steps=STEPS, batch=2):
 
     g = torch.Generator().manual_seed(0)
     c = unet.config
+    scheduler.set_timesteps(steps)   # first, as diffusers' pipelines: init_noise_sigma follows it
     x = torch.randn((batch, c.in_channels, c.sample_size, c.sample_size), generator=g)
     x = x * scheduler.init_noise_sigma
-    scheduler.set_timesteps(steps)
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     with torch.no_grad():
         for t in scheduler.timesteps:
@@ -85,19 +86,27 @@ def _canonical(unet, scheduler, steps=STEPS, batch=2):
     return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), g.get_state()
 
 
-UNIPC = {
-    "bh2 order 3": {"solver_order": 3},
-    "bh1 sigma_min": {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
-    "karras, corrector off at 2": {"use_karras_sigmas": True, "disable_corrector": [2]},
+CANONICAL = {       # schedulers diffusers' DDPMPipeline runs wrongly or not at all
+    "unipc bh2 order 3": ("UniPCMultistepScheduler", "unipc", {"solver_order": 3}),
+    "unipc bh1 sigma_min": ("UniPCMultistepScheduler", "unipc",
+                            {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    "unipc karras, corrector off at 2": ("UniPCMultistepScheduler", "unipc",
+                                         {"use_karras_sigmas": True, "disable_corrector": [2]}),
+    "euler leading": ("EulerDiscreteScheduler", "euler", {"timestep_spacing": "leading"}),
+    "euler karras v": ("EulerDiscreteScheduler", "euler",
+                       {"use_karras_sigmas": True, "prediction_type": "v_prediction"}),
+    "euler ancestral": ("EulerAncestralDiscreteScheduler", "euler-ancestral", {}),
+    "deis order 3": ("DEISMultistepScheduler", "deis", {"solver_order": 3}),
 }
 
 
-@pytest.mark.parametrize("name", list(UNIPC))
-def test_folder_with_unipc_samples_as_diffusers_canonical_loop(tmp_path, digits_unet, name):
-    sched = diffusers.UniPCMultistepScheduler(**UNIPC[name])
+@pytest.mark.parametrize("name", list(CANONICAL))
+def test_folder_samples_as_diffusers_canonical_loop(tmp_path, digits_unet, name):
+    cls, sampler, config = CANONICAL[name]
+    sched = getattr(diffusers, cls)(**config)
     _folder(tmp_path, digits_unet, sched)
     ours = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
-    assert ours.default_sampler == "unipc"
+    assert ours.default_sampler == sampler
     _same(_canonical(digits_unet, sched), _run(ours))
 
 
@@ -137,6 +146,7 @@ def test_save_pretrained_round_trips_the_solver(tmp_path, digits_unet):
     (DPMSolverMultistepScheduler, {}),
     (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     (UniPCMultistepScheduler, {"solver_order": 3}),                  # the corrector's buffers
+    (EulerAncestralDiscreteScheduler, {}),                # input scale, init sigma, noise
     (DPMSolverMultistepScheduler, {"thresholding": True, "sample_max_value": 0.8}),  # torch step
 ])
 def test_fast_mode_equals_reference_on_the_same_noise(cls, config):

@@ -5,6 +5,9 @@ table: the common row layout, Plan, the torch step (solver_step) and the referen
 FAMILIES: each scheduler class with its sampler name (BY_SCHEDULER, BY_SAMPLER look them up).
 dpmsolver: diffusers' DPMSolverMultistepScheduler (DPM-Solver, DPM-Solver++, their SDE
     variants): dpm_settings (every setting honoured or refused by name), dpm_plan.
+euler: EulerDiscreteScheduler and EulerAncestralDiscreteScheduler (σ-space steps, input scale,
+    ancestral noise): euler_settings / euler_plan, euler_ancestral_settings / _plan.
+deis: DEISMultistepScheduler (log-ρ multistep): deis_settings, deis_plan.
 unipc: diffusers' UniPCMultistepScheduler (UniP predictor + UniC corrector, bh1/bh2, x̂0/ε̂):
     unipc_settings, unipc_plan.
 """
@@ -12,6 +15,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .dpmsolver import DPM_SCHEDULER_DEFAULTS, dpm_plan, dpm_settings
+from .deis import DEIS_SCHEDULER_DEFAULTS, deis_plan, deis_settings
+from .euler import (EULER_ANCESTRAL_SCHEDULER_DEFAULTS, EULER_SCHEDULER_DEFAULTS, SWAP_KEYS,
+                    euler_ancestral_plan, euler_ancestral_settings, euler_plan, euler_settings)
 from .unipc import UNIPC_SCHEDULER_DEFAULTS, unipc_plan, unipc_settings
 from .table import (A, B0, B1, B2, C_IN, COLS, COLUMN_NAMES, K0, K1, K2, K3, KL, KX, ORDER, P, Q,
                     S, T, THRESH, WORD, Plan, initial_state, randn_diffusers, reference_sample,
@@ -30,17 +36,44 @@ class Family:
     plan: Callable[[dict, int], Plan]     # (settings, num_inference_steps) → Plan
 
 
-FAMILIES = (
-    Family("DPMSolverMultistepScheduler", "dpm++", DPM_SCHEDULER_DEFAULTS, dpm_settings,
-           dpm_plan),
-    Family("UniPCMultistepScheduler", "unipc", UNIPC_SCHEDULER_DEFAULTS, unipc_settings,
-           unipc_plan),
-)
+def _ignoring_swapped_keys(settings: Callable[[dict], dict], defaults: dict,
+                           read: frozenset = frozenset()) -> Callable[[dict], dict]:
+    """`settings` that lets through, as carrying no setting, the keys a from_config swap among
+    the classes ddpm_fast runs leaves in a config (SWAP_KEYS: diffusers keeps them as "hidden"
+    keys and ignores them), except variance_type (each family judges a learned one) and the
+    keys the class does read although they are not its arguments (`read`)."""
+    def checked(config: dict) -> dict:
+        if not isinstance(config, dict):
+            return settings(config)
+        return settings({k: v for k, v in config.items()
+                         if k in defaults or k not in SWAP_KEYS or k == "variance_type"
+                         or k in read})
+    return checked
+
+
+FAMILIES = tuple(Family(name, sampler, defaults,
+                        _ignoring_swapped_keys(settings, defaults, read), plan)
+                 for name, sampler, defaults, settings, plan, read in (
+    # diffusers' DPM-Solver reads sigma_min / sigma_max (Euler's) for karras sigmas if present
+    ("DPMSolverMultistepScheduler", "dpm++", DPM_SCHEDULER_DEFAULTS, dpm_settings, dpm_plan,
+     frozenset({"sigma_min", "sigma_max"})),
+    ("UniPCMultistepScheduler", "unipc", UNIPC_SCHEDULER_DEFAULTS, unipc_settings, unipc_plan,
+     frozenset()),
+    ("EulerDiscreteScheduler", "euler", EULER_SCHEDULER_DEFAULTS, euler_settings, euler_plan,
+     frozenset()),
+    ("EulerAncestralDiscreteScheduler", "euler-ancestral", EULER_ANCESTRAL_SCHEDULER_DEFAULTS,
+     euler_ancestral_settings, euler_ancestral_plan, frozenset()),
+    ("DEISMultistepScheduler", "deis", DEIS_SCHEDULER_DEFAULTS, deis_settings, deis_plan,
+     frozenset({"sigma_min", "sigma_max"})),
+))
 BY_SCHEDULER = {f.scheduler: f for f in FAMILIES}
 BY_SAMPLER = {f.sampler: f for f in FAMILIES}
 
 __all__ = ["BY_SAMPLER", "BY_SCHEDULER", "FAMILIES", "Family", "A", "B0", "B1", "B2", "C_IN", "COLS", "COLUMN_NAMES", "DPM_SCHEDULER_DEFAULTS", "K0",
            "K1", "K2", "K3", "KL", "KX", "ORDER", "P", "Q", "S", "T", "THRESH", "WORD", "Plan",
            "dpm_plan", "dpm_settings", "initial_state", "UNIPC_SCHEDULER_DEFAULTS", "unipc_plan",
-           "unipc_settings", "randn_diffusers", "reference_sample",
+           "unipc_settings", "EULER_SCHEDULER_DEFAULTS",
+           "EULER_ANCESTRAL_SCHEDULER_DEFAULTS", "DEIS_SCHEDULER_DEFAULTS", "euler_plan",
+           "euler_settings", "euler_ancestral_plan", "euler_ancestral_settings", "deis_plan",
+           "deis_settings", "randn_diffusers", "reference_sample",
            "solver_step"]
