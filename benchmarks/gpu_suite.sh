@@ -17,10 +17,13 @@
 #   conv-more  the next questions once conv has run: per-layer tile autotuning (fast-conv-tuned)
 #              and Inductor's own PDL (fast-inductor-pdl) beside fast-conv, batch 1 and 256;
 #              split-K on and off at batch 1 (fast-conv-nosplit)
+#   solvers    the few-step solvers (issue 21): their fused step's tests on CUDA, then per-step
+#              time of every sampler against the DDPM step at batch 1 and 256 and the cold start
+#              (benchmarks/solver_steps.py)
 #
 #   OUT=/tmp/out ARCHS=90 bash benchmarks/gpu_suite.sh build conv               # a short window
 #   OUT=/tmp/out bash benchmarks/gpu_suite.sh conv-256 conv-profile             # its next call
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh conv-more                         # if time remains
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh conv-more solvers                 # if time remains
 #
 #   OUT=/tmp/out ARCHS=90 bash benchmarks/gpu_suite.sh build tests memcheck     # call 1
 #   OUT=/tmp/out bash benchmarks/gpu_suite.sh kernels cifar10                    # call 2
@@ -49,7 +52,7 @@ ARCHS=${ARCHS:-90}
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests memcheck kernels cifar10 256 profile)
 for stage in "${STAGES[@]}"; do       # a misspelt stage fails before a long build, not after
-    case "$stage" in build|tests|memcheck|kernels|cifar10|256|profile|conv|conv-256|conv-profile|conv-more) ;;
+    case "$stage" in build|tests|memcheck|kernels|cifar10|256|profile|conv|conv-256|conv-profile|conv-more|solvers) ;;
     *) echo "unknown stage $stage"; exit 2 ;; esac
 done
 export PYTHONUNBUFFERED=1
@@ -174,6 +177,15 @@ for stage in "${STAGES[@]}"; do
             --out "benchmarks/results/sample_throughput_conv_splitk_${GPU}_$(date +%F).json" \
             > "$OUT/throughput_conv_splitk.log" 2>&1 || status=1
         tail -8 "$OUT/throughput_conv_splitk.log"
+        ;;
+    solvers)
+        step "few-step solvers: per-step time against the DDPM step, cold start (issue 21)"
+        python3 -m pytest -q tests/test_solver_step.py tests/test_solvers_pipeline.py \
+            -k "fast_mode or implementations" > "$OUT/solver_tests.log" 2>&1 || status=1
+        tail -3 "$OUT/solver_tests.log"
+        python3 benchmarks/solver_steps.py --device cuda --config cifar10 --batch 1 256 \
+            > "$OUT/solver_steps.log" 2>&1 || status=1
+        tail -16 "$OUT/solver_steps.log"
         ;;
     profile)
         step "profile of the fast step"

@@ -4,7 +4,7 @@ the noise, the history shift, and a step index past the table."""
 import pytest
 import torch
 
-from conftest import TRITON
+from conftest import TRITON, needs_cuda
 
 from ddpm_fast import _native
 from ddpm_fast.ops import backend
@@ -108,3 +108,36 @@ def test_bad_arguments_are_named():
         bad = list(state)
         bad[3] = bad[3].double()
         solver_step_(*bad, out, coef, torch.tensor([0]), key_tensor(0), False, False)
+
+
+@needs_cuda
+@pytest.mark.parametrize("which", ["native", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernels_equal_the_reference(which, dtype):
+    # on the GPU the compilers may fuse multiply-adds: equal within float32 rounding
+    state, out, coef = _case((3, 3, 8, 8), dtype, channels_last=True, extra_channels=3)
+    want = _run("reference", state, out, coef, 2, True, True)
+    cuda = [t.cuda() for t in state]
+    key, step = key_tensor(7, 3, "cuda"), torch.tensor([2], device="cuda")
+    with backend.use_backend(which):
+        solver_step_(*cuda, out.cuda(), coef.cuda(), step, key, True, True)
+    for a, b in zip(cuda, want):
+        assert torch.allclose(a.cpu(), b, rtol=1e-5, atol=1e-5), (a.cpu() - b).abs().max()
+
+
+@needs_cuda
+def test_cuda_graph_replays_the_solver_run():
+    from ddpm_fast.cli import default_model_path
+    from ddpm_fast.pipeline import DDPMPipeline
+
+    runs = {}
+    for graphs in (False, True):
+        pipe = DDPMPipeline.from_pretrained(default_model_path(), mode="fast", device="cuda",
+                                            dtype=torch.float32, use_graphs=graphs)
+        pipe.set_progress_bar_config(disable=True)
+        for sampler in ("dpm++", "unipc", "euler-ancestral"):
+            runs[graphs, sampler] = pipe(batch_size=4, seed=1, sampler=sampler,
+                                         num_inference_steps=8, output_type="pt").images
+    for sampler in ("dpm++", "unipc", "euler-ancestral"):
+        a, b = runs[False, sampler], runs[True, sampler]
+        assert torch.allclose(a, b, atol=1e-5), (sampler, (a - b).abs().max())
