@@ -20,9 +20,9 @@ Every provider runs the same weights. A "step" is one U-Net forward plus one sam
 latency is the median over timed steps after warm-up, and images/s for a full 1000-step sample is
 extrapolated from it (the JSON says so). TFLOP/s counts 2 FLOP per MAC of the U-Net forward.
 
-    ddpm-fast bench --device cuda --batch 1 64 256
-    ddpm-fast bench --device cpu --batch 8 --steps 10
-    python benchmarks/sample_throughput.py --device cpu --batch 8   # the same, from a checkout
+    ddpm-fast bench --device cuda --batch-size 1 64 256
+    ddpm-fast bench --device cpu --batch-size 8 --steps 10
+    python benchmarks/sample_throughput.py --device cpu --batch-size 8   # the same, in a checkout
 
 It is part of the installed package (`ddpm-fast bench`); benchmarks/sample_throughput.py is its
 entry point in a source checkout, which writes into benchmarks/results/ by default.
@@ -44,6 +44,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+from .cli_args import Parser, add_device, add_flag, add_seed, non_negative, positive
+from .commands import UsageError, resolve_device
 
 CONFIGS = {
     # google/ddpm-cifar10-32 (35,746,307 parameters)
@@ -421,32 +424,41 @@ def print_table(rows: list[dict]) -> None:
               f"{ratios[1]:>10}")
 
 
-def main(argv=None, results_dir: Path | None = None, prog: str = "ddpm-fast bench") -> int:
-    """Run the benchmark; the JSON goes to --out, else to results_dir (default: the current
-    folder) under results_name(device)."""
-    from .cli import Parser                 # one-line errors, exit status 2, as the CLI's
-
+def build_parser(prog: str = "ddpm-fast bench") -> argparse.ArgumentParser:
+    """The benchmark's flags, named as the other ddpm-fast commands name them (cli_args)."""
     p = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--config", nargs="+", default=None, choices=sorted(CONFIGS),
-                   help="default: cifar10 and 256 on a GPU, cifar10 on the CPU")
-    p.add_argument("--batch", nargs="+", type=int, default=None)
+    add_device(p)
+    add_flag(p, "--preset", old=("--config",), dest="config", nargs="+", default=None,
+             choices=sorted(CONFIGS), help="U-Net architectures (default: cifar10 and 256 on a "
+             "GPU, cifar10 on the CPU)")
+    add_flag(p, "--batch-size", old=("--batch",), dest="batch", nargs="+",
+             type=positive("--batch-size"), default=None, metavar="N",
+             help="batch sizes measured (default: 1 16 64 256 on a GPU, 1 8 on the CPU)")
     p.add_argument("--providers", nargs="+", default=None, choices=list(PROVIDERS),
                    help="default: all (fast-heuristic on CUDA only)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=positive("--steps"), default=None,
                    help="sampling steps timed per measurement (default 30 on CUDA, 10 on the CPU)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=non_negative("--warmup"), default=3,
+                   help="untimed sampling steps before the timed ones (default 3)")
+    add_seed(p, "random seed of the weights")
     p.add_argument("--compile-mode", default="reduce-overhead",
                    help="torch.compile mode of the stock baseline (max-autotune took >5 min on an H100)")
     p.add_argument("--out", default=None, help="JSON path (default: sample_throughput_<device>_"
                    "<date>.json in the current folder; in benchmarks/results/ when run as "
                    "benchmarks/sample_throughput.py)")
+    return p
+
+
+def main(argv=None, results_dir: Path | None = None, prog: str = "ddpm-fast bench") -> int:
+    """Run the benchmark; the JSON goes to --out, else to results_dir (default: the current
+    folder) under results_name(device)."""
+    p = build_parser(prog)
     args = p.parse_args(argv)
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r} is not a device (use cpu, cuda or cuda:N)")
+        device = resolve_device(args.device)
+    except UsageError as e:
+        p.error(str(e))
+    args.device = str(device)
     if args.config is None:
         args.config = ["cifar10", "256"] if device.type == "cuda" else ["cifar10"]
     if args.batch is None:
@@ -458,8 +470,6 @@ def main(argv=None, results_dir: Path | None = None, prog: str = "ddpm-fast benc
                                                                          "fast-inductor-"))]
     if args.steps is None:
         args.steps = 30 if device.type == "cuda" else 10
-    if any(b <= 0 for b in args.batch) or args.steps <= 0:
-        p.error("--batch and --steps must be positive")
     # torch's defaults are kept (what users get): cuDNN convs may use TF32, matmuls do not.
     env = environment(device)
     out = Path(args.out) if args.out else Path(results_dir or ".") / results_name(env["device"])

@@ -165,3 +165,87 @@ def test_fp16_norm_and_attention_do_not_overflow(scale):
         half = attn.half()(x.clamp(-6e4, 6e4).half())
     assert torch.isfinite(half).all()
     torch.testing.assert_close(half.float(), ref, atol=scale * 2e-3, rtol=2e-3)
+
+
+# ---------------------------------------------------------------------- a file that is not
+# what its name says: one line naming it and what it is, exit 2, in every command
+
+@pytest.fixture
+def text_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("x.npz", "x.npy", "w.ckpt", "w.pt", "w.pth", "w.safetensors"):
+        (tmp_path / name).write_text("hello world\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, file, what", [
+    (["train", "--data", "x.npz", "--out", "r"], "x.npz", "an .npz archive"),
+    (["train", "--data", "x.npy", "--out", "r"], "x.npy", "an .npy array"),
+    (["eval", "--data", "x.npz"], "x.npz", "an .npz archive"),
+    (["from-t", "--data", "x.npz", "--out", "f.png"], "x.npz", "an .npz archive"),
+    (["interpolate", "--data", "x.npy", "--out", "i.png"], "x.npy", "an .npy array"),
+    (["eval", "--model", "w.ckpt"], "w.ckpt", "a PyTorch checkpoint"),
+    (["sample", "--model", "w.pt", "--out", "s.png"], "w.pt", "a PyTorch checkpoint"),
+    (["progressive", "--model", "w.safetensors", "--out", "p.png"], "w.safetensors",
+     "a safetensors file"),
+    (["info", "--model", "w.ckpt"], "w.ckpt", "a PyTorch checkpoint"),
+    (["convert", "w.ckpt", "--out", "c"], "w.ckpt", "a PyTorch checkpoint"),
+    (["convert", "w.safetensors", "--out", "c"], "w.safetensors", "a safetensors file"),
+    (["fid", "x.npz", "--ref", "x.npy"], "x.npz", "an .npz archive"),
+    (["fid", "x.npz", "--ref", "x.npz", "--inception-weights", "w.pth"], "x.npz",
+     "an .npz archive"),
+])
+def test_text_file_as_data_or_weights_is_named(capsys, text_files, argv, file, what):
+    code, err = run(capsys, *argv)
+    assert code == 2 and err == f"ddpm-fast: error: {file} is a text file, not {what}\n"
+    assert sorted(p.name for p in text_files.iterdir()) == [
+        "w.ckpt", "w.pt", "w.pth", "w.safetensors", "x.npy", "x.npz"]     # nothing written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fid", "missing.npz", "--ref", "missing.npz"], "missing.npz: no such file"),  # fid's own
+    (["fid", "--ref"], "--ref: expected one argument"),                  # fid's parser
+    (["fid", "a", "--ref", "b", "--device", "cuda:x"], "is not a device"),
+    (["bench", "--device", "nope"], "is not a device"),
+    (["bench", "--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["bench", "--preset", "huge"], "invalid choice: 'huge'"),
+    (["info", "--model", "missing"], "--model missing does not exist"),
+    (["train", "--seed", "-1", "--out", "r"], "--seed must be non-negative"),
+])
+def test_every_command_exits_2_with_one_line(capsys, text_files, argv, message):
+    code, err = run(capsys, *argv)
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert err.startswith("ddpm-fast: error: ")
+
+
+def test_file_kinds(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from ddpm_fast.filetypes import expect, kind_of
+
+    t = {"w": torch.zeros(2)}
+    torch.save(t, tmp_path / "zip.pt")
+    torch.save(t, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file(t, str(tmp_path / "w.safetensors"))
+    np.savez(tmp_path / "a.npz", np.zeros(2))
+    np.save(tmp_path / "a.npy", np.zeros(2))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "lfs.ckpt").write_text("version https://git-lfs.github.com/spec/v1\noid x\n")
+    (tmp_path / "utf8.npz").write_text("é" * 3000)            # a character across byte 4096
+    (tmp_path / "bin.npz").write_bytes(bytes(range(256)) * 4)
+    kinds = {p.name: kind_of(p) for p in tmp_path.iterdir()}
+    assert kinds == {"zip.pt": "a zip archive", "legacy.pt": "a pickle",
+                     "w.safetensors": "a safetensors file", "a.npz": "a zip archive",
+                     "a.npy": "an .npy array", "empty.npz": "an empty file",
+                     "lfs.ckpt": "a git-lfs pointer", "utf8.npz": "a text file",
+                     "bin.npz": "a binary file of no format ddpm_fast knows"}
+    for name, kind in (("zip.pt", "torch"), ("legacy.pt", "torch"), ("a.npz", "npz"),
+                       ("a.npy", "npy"), ("w.safetensors", "safetensors")):
+        expect(tmp_path / name, kind)                            # passes
+    with pytest.raises(ValueError, match=r"lfs.ckpt is a git-lfs pointer, not a PyTorch "
+                       r"checkpoint \(fetch the file itself: git lfs pull\)"):
+        expect(tmp_path / "lfs.ckpt", "torch")
+    with pytest.raises(ValueError, match="empty.npz is an empty file, not an .npz archive"):
+        expect(tmp_path / "empty.npz", "npz")
+    expect(tmp_path / "missing.npz", "npz")                      # left to the loader

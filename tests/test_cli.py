@@ -10,6 +10,7 @@ from PIL import Image
 
 from ddpm_fast import cli
 from ddpm_fast.checkpoints import save_pretrained
+from ddpm_fast.cli_args import DeprecatedFlag
 from ddpm_fast.training import DIGITS_CONFIG
 from ddpm_fast.unet import UNet2DModel
 
@@ -269,10 +270,12 @@ def test_missing_gpu_index_is_named(monkeypatch):
 
 
 def test_no_autotune_reaches_the_fast_runner(tmp_path, capsys, model_dir):
-    import argparse
+    from ddpm_fast.commands import load_pipeline
 
-    args = argparse.Namespace(model=str(model_dir), precision="auto", no_autotune=True)
-    assert cli.load_pipeline(args, torch.device("cpu"), "fast").runner.autotune_convs is False
+    assert load_pipeline(model_dir, torch.device("cpu"), "fast", autotune=False
+                         ).runner.autotune_convs is False
+    assert cli.build_parser().parse_args(["sample", "--no-autotune", "--out", "a.png"]
+                                         ).autotune is False
     code, _, err = run(capsys, "sample", "--model", model_dir, "--num-images", 2, "--steps", 2,
                        "--no-autotune", "--out", tmp_path / "a.png")
     assert code == 0, err
@@ -384,7 +387,7 @@ def test_every_flag_passes_through_torchrun():
     from torch.distributed.run import get_args_parser
 
     assert "--num-images" in _flags(_subcommands()["sample"])
-    for name, parser in _subcommands().items():
+    for name, parser in _command_parsers().items():
         for flag in _flags(parser) + [f for f in _flags(parser, hidden=True) if f != "--num"]:
             argv = ["--standalone", "--nproc-per-node", "2", "-m", "ddpm_fast.cli", name, flag, "1"]
             script_args = get_args_parser().parse_args(argv).training_script_args
@@ -396,8 +399,9 @@ OLD_SPELLINGS = [
     (["sample", "--seeds", "0-9", "--out", "x.png"], "--seeds", "--image-ids", "image_ids", "0-9"),
     (["sample", "--dtype", "fp32", "--out", "x.png"], "--dtype", "--precision", "precision",
      "fp32"),
-    (["sample", "--num", "3", "--out", "x.png"], "--num", "--num-images", "num", 3),
-    (["progressive", "--num", "3", "--out", "p.png"], "--num", "--num-images", "num", 3),
+    (["sample", "--num", "3", "--out", "x.png"], "--num", "--num-images", "num_images", 3),
+    (["progressive", "--num", "3", "--out", "p.png"], "--num", "--num-images", "num_images", 3),
+    (["from-t", "--num", "3", "--out", "f.png"], "--num", "--num-images", "num_images", 3),
     (["train", "--steps", "5", "--out", "r"], "--steps", "--train-steps", "train_steps", 5),
     (["interpolate", "--steps", "9", "--out", "i.png"], "--steps", "--frames", "frames", 9),
     (["interpolate", "--images", "a.npz", "--out", "i.png"], "--images", "--data", "data", "a.npz"),
@@ -406,6 +410,9 @@ OLD_SPELLINGS = [
      "weights_dtype", "fp16"),
     (["eval", "--num", "5"], "--num", "--num-data", "num_data", 5),
     (["eval", "--samples", "7"], "--samples", "--num-images", "num_images", 7),
+    (["train", "--warmup", "9", "--out", "r"], "--warmup", "--lr-warmup", "lr_warmup", 9),
+    (["convert", "src", "--sample-size", "16", "--out", "c"], "--sample-size", "--image-size",
+     "image_size", 16),
 ]
 
 
@@ -442,7 +449,7 @@ def test_default_steps_are_the_same_in_the_api_and_the_cli(tmp_path, capsys, mod
                                                             short_model_dir):
     from ddpm_fast.pipeline import DEFAULT_STEPS, DDPMPipeline
 
-    assert DEFAULT_STEPS == {"ddpm": 1000, "ddim": 50}        # diffusers' two pipelines
+    assert (DEFAULT_STEPS["ddpm"], DEFAULT_STEPS["ddim"]) == (1000, 50)  # diffusers' pipelines
     for model, sampler, want in ((model_dir, "ddim", 50), (short_model_dir, "ddpm", 20),
                                  (short_model_dir, "ddim", 20)):   # capped at the timesteps
         pipe = DDPMPipeline.from_pretrained(model)
@@ -486,3 +493,230 @@ def test_sharded_run_refuses_an_edited_scheduler_config(tmp_path, capsys, model_
     config_file.write_text(json.dumps(config))
     code, _, err = run(capsys, *argv)
     assert code == 2 and "other settings (scheduler.clip_sample)" in err
+
+
+def test_bench_old_spellings_and_device_auto(capsys):
+    from ddpm_fast.bench import build_parser
+
+    for old, new, attribute, value in (("--batch", "--batch-size", "batch", [1, 8]),
+                                       ("--config", "--preset", "config", ["tiny"])):
+        args = build_parser().parse_args([old, *map(str, value)])
+        assert capsys.readouterr().err == f"ddpm-fast: note: {old} is deprecated, use {new}\n"
+        assert getattr(args, attribute) == value
+        assert getattr(build_parser().parse_args([new, *map(str, value)]), attribute) == value
+    assert build_parser().parse_args([]).device == "auto"
+
+
+# ---------------------------------------------------------------------- the flag table
+
+def _command_parsers() -> dict:
+    """Every command's parser, as `ddpm-fast <command> --help` shows it (bench and fid have
+    their own)."""
+    parsers = dict(_subcommands())
+    parsers["bench"], parsers["fid"] = cli.bench_parser(), cli.fid_parser()
+    return parsers
+
+
+def _help_flags(capsys, command: str) -> set[str]:
+    """The options in the usage lines of `ddpm-fast <command> --help` (help texts mention
+    other flags, the usage lists only the command's own)."""
+    assert cli.main([command, "--help"]) == 0
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    return set(re.findall(r"\[(--[a-z0-9-]+)", usage)) - {"--help"} | \
+        set(re.findall(r"(?:^|\s)(--[a-z0-9-]+)", usage)) - {"--help"}
+
+
+# flags that only one command has: described by its --help, not by the README table
+COMMAND_SPECIFIC = {
+    "sample": {"--shard-size", "--sampler", "--eta", "--variance", "--mode", "--no-autotune"},
+    "progressive": {"--every"},
+    "from-t": set(),
+    "interpolate": set(),
+    "train": {"--channels", "--hflip", "--dropout", "--lr", "--ema-decay", "--checkpoint-every",
+              "--resume"},
+    "eval": {"--terms", "--exact-cdf"},
+    "convert": {"--raw-weights"},
+    "info": set(),
+    "bench": {"--providers", "--warmup", "--compile-mode"},
+    "fid": {"--ref", "--inception-weights", "--save-ref-stats"},
+}
+
+
+def _readme_flag_table() -> dict:
+    """README "Command-line flags": flag → (commands, {old spelling: commands})."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Command-line flags: one name per meaning", 1)[1]
+    rows = {}
+    for line in section.split("\n#", 1)[0].splitlines():     # to the next heading
+        if not line.startswith("| `--"):
+            continue
+        flag, commands, _, old = [c.strip() for c in line.strip("|").split("|")]
+        olds = {o: set(re.findall(r"`([a-z-]+)`", cmds))
+                for o, cmds in re.findall(r"`(--[a-z0-9-]+)` \(([^)]*)\)", old)}
+        assert old.count("`--") == len(olds), f"{flag}: old spellings as `--old` (`command`, …)"
+        rows[flag.strip("`")] = (set(re.findall(r"`([a-z-]+)`", commands)), olds)
+    assert len(rows) >= 15, rows
+    return rows
+
+
+def test_readme_flag_table_matches_every_commands_help(capsys):
+    table, parsers = _readme_flag_table(), _command_parsers()
+    assert set(COMMAND_SPECIFIC) == set(parsers)
+    shown = {name: _help_flags(capsys, name) for name in parsers}
+    for flag, (commands, olds) in table.items():
+        assert commands <= set(parsers), (flag, commands - set(parsers))
+        for name in commands:
+            assert flag in shown[name], f"README: {name} has {flag}, its --help does not"
+        for name in set(parsers) - commands:
+            assert flag not in shown[name], f"{name} has {flag}: add it to the README row"
+        for old, where in olds.items():
+            for name in where:
+                assert old in _flags(parsers[name], hidden=True), (flag, old, name)
+    for name, flags in shown.items():
+        assert flags == _flags_of(parsers[name]), name          # the usage shows them all
+        specific = COMMAND_SPECIFIC[name]
+        assert specific <= flags, (name, specific - flags)
+        assert not specific & set(table), (name, specific & set(table))
+        assert flags - specific <= set(table), f"{name}: {flags - specific - set(table)} are " \
+            "neither in the README table nor command-specific"
+        for other, theirs in COMMAND_SPECIFIC.items():      # specific: no other command has it
+            assert other == name or not specific & shown[other], (name, other)
+    # every old spelling of every command is in its new flag's row, naming the command
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            if isinstance(action, DeprecatedFlag):
+                old, = action.option_strings
+                assert name in table[action.new][1].get(old, ()), (name, old, action.new)
+
+
+def _flags_of(parser) -> set[str]:
+    return set(_flags(parser)) - {"--help"}
+
+
+def test_parser_defaults_are_the_command_functions_defaults():
+    """Each command's flags are its function's keywords (the CLI calls it with them), with the
+    same defaults: the CLI and ddpm_fast.commands cannot drift apart."""
+    import inspect
+
+    for name, parser in _command_parsers().items():
+        if name == "bench":                             # bench.main parses its own flags
+            continue
+        func = parser.get_default("func")
+        params = inspect.signature(func).parameters
+        dests = {a.dest: a.default for a in parser._actions
+                 if a.dest not in ("help", "command") and a.help != argparse.SUPPRESS}
+        assert set(dests) == set(params), (name, set(dests) ^ set(params))
+        for dest, default in dests.items():
+            default = parser.get_default(dest)
+            want = params[dest].default
+            if want is inspect.Parameter.empty:         # required: a positional or --out
+                continue
+            assert (list(default) if isinstance(default, (list, tuple)) else default) == \
+                (list(want) if isinstance(want, (list, tuple)) else want), (name, dest)
+
+
+# ---------------------------------------------------------------------- no import circle
+
+def _import_graph() -> dict:
+    """ddpm_fast's module-level imports: module → the package modules it imports when it is
+    imported (`from .x import`, `from . import x`, `import ddpm_fast.x`, `from ddpm_fast.x
+    import`; at the top level, in `if` / `try` blocks and class bodies, not inside functions
+    nor under `if TYPE_CHECKING`)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(cli.__file__).resolve().parent
+    files = {}
+    for f in root.rglob("*.py"):
+        parts = f.relative_to(root.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+
+    def defined(module: str) -> set[str]:     # names a package's __init__ binds at top level
+        tree = ast.parse(files[module].read_text())
+        names = set()
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        return names
+
+    def top_level(body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                yield from top_level(node.orelse)
+                continue
+            yield node
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list):
+                    yield from top_level(inner)
+
+    graph = {}
+    for module, f in files.items():
+        package = module if f.name == "__init__.py" else module.rpartition(".")[0]
+        deps = set()
+        for node in top_level(ast.parse(f.read_text()).body):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [(a.name, None) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                targets = [(base, a.name) for a in node.names]
+            for base, name in targets:
+                if name and f"{base}.{name}" in files:          # a submodule
+                    deps.add(f"{base}.{name}")
+                elif base in files and (name is None or name in defined(base)):
+                    deps.add(base)        # not a name the package binds: a compiled extension
+        graph[module] = deps - {module}
+    return graph
+
+
+def test_every_module_imports_and_the_import_graph_has_no_cycle():
+    import importlib
+
+    graph = _import_graph()
+    for module in sorted(graph):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:                # an optional dependency (triton)
+            assert not (e.name or "").startswith("ddpm_fast"), (module, e)
+    # the graph sees each import form
+    assert {"ddpm_fast.commands", "ddpm_fast.cli_args"} <= graph["ddpm_fast.cli"]
+    assert {"ddpm_fast.cli_args", "ddpm_fast.commands"} <= graph["ddpm_fast.bench"]
+    assert "ddpm_fast.bench" not in graph["ddpm_fast.cli"]      # imported inside main()
+    assert "ddpm_fast.cli" not in graph["ddpm_fast.bench"]
+    import ast
+    from pathlib import Path
+
+    bench = ast.parse(Path(cli.__file__).with_name("bench.py").read_text())
+    assert not [n for n in ast.walk(bench) if isinstance(n, ast.ImportFrom)        # not even in
+                and n.level == 1 and n.module == "cli"]                          # a function
+    assert "ddpm_fast._native" in graph["ddpm_fast"] and "ddpm_fast" not in graph[
+        "ddpm_fast._native"]                                    # `from . import _C`: compiled
+    state, path = {}, []                                        # depth-first: 1 open, 2 done
+
+    def visit(module):
+        state[module] = 1
+        path.append(module)
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " → ".join(path[path.index(dep):]
+                                                                   + [dep]))
+            if dep not in state:
+                visit(dep)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)

@@ -141,7 +141,7 @@ def test_absent_sample_size_is_refused(folder, tmp_path):
         ddpm_fast.DDPMPipeline.from_pretrained(path)
     # convert --sample-size gives it one (and changes a diffusers folder's size when given)
     assert ddpm_fast.cli.main(["convert", str(path), "--out", str(tmp_path / "c"),
-                               "--sample-size", "32"]) == 0
+                               "--image-size", "32"]) == 0
     assert json.loads((tmp_path / "c" / "unet" / "config.json").read_text())["sample_size"] == 32
     with pytest.raises(CheckpointError, match="sample_size=10 is not a multiple of 4"):
         ddpm_fast.checkpoints.load_unet(path, sample_size=10)
