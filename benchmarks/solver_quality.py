@@ -61,6 +61,10 @@ def plot(rows: list, real: dict, out: Path) -> None:
     ax.axhline(real["frechet"], color="black", linestyle=":", label="real digits")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    steps = sorted({r["steps"] for r in rows if r["sampler"] != "ddpm"})
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_yticks([0.5, 1, 2, 4], ["0.5", "1", "2", "4"])
+    ax.minorticks_off()
     ax.set_xlabel("U-Net calls (sampling steps)")
     ax.set_ylabel("Fréchet distance of classifier logits")
     ax.set_title("Shipped digits model, fast mode")
@@ -76,14 +80,22 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50])
-    parser.add_argument("--samplers", nargs="+", default=[s for s in SAMPLERS if s != "ddpm"])
+    parser.add_argument("--samplers", nargs="*", default=[s for s in SAMPLERS if s != "ddpm"],
+                        help="few-step samplers to score (none: the DDPM run alone)")
     parser.add_argument("--ddpm-steps", type=int, default=1000, help="0: no DDPM run")
     parser.add_argument("--merge", action="store_true",
                         help="add to the existing JSON, replacing the rows this run redoes")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the plot from the existing JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    out = ROOT / "benchmarks" / "results" / f"solver_quality_{slug(device_name(device))}.json"
+    if args.replot:
+        saved = json.loads(out.read_text())
+        plot(saved["rows"], saved["real"], ROOT / "docs" / "solver_quality.png")
+        return 0
     pipe = DDPMPipeline.from_pretrained(default_model_path(), mode="fast", device=device)
     pipe.set_progress_bar_config(disable=True)
     real = real_scores(args.images).as_dict()
@@ -92,7 +104,6 @@ def main(argv=None) -> int:
     for sampler in args.samplers:
         for steps in args.steps:
             rows.append(run(pipe, sampler, steps, args.images, args.batch))
-    out = ROOT / "benchmarks" / "results" / f"solver_quality_{slug(device_name(device))}.json"
     if args.merge and out.is_file():          # keep the rows of samplers this run did not redo
         old = json.loads(out.read_text())
         done = {(r["sampler"], r["steps"]) for r in rows}
