@@ -564,7 +564,28 @@ class DDPMPipeline:
             settings = family.settings({k: v for k, v in live_config(self.scheduler).items()
                                         if k in family.defaults})
             self._check_unet_output(sampler, settings.get("variance_type") or "fixed_small")
-        return family.plan(settings, num_inference_steps)
+            return family.plan(settings, num_inference_steps)
+        plan = family.plan(settings, num_inference_steps)
+        self._keep_run_settings(plan.settings)
+        return plan
+
+    def _keep_run_settings(self, run_settings: dict) -> None:
+        """Settings a run changes in pipe.scheduler's config, changed there as diffusers'
+        set_timesteps changes them (DPMSolverSinglestepScheduler switches lower_order_final on
+        for good), so that the next run sees them as diffusers' would."""
+        kind, settings = self._solver
+        changed = {k: v for k, v in run_settings.items() if k in settings and settings[k] != v}
+        if not changed:
+            return
+        from .schedulers import FrozenConfig
+
+        self._solver = (kind, {**settings, **changed})
+        self.scheduler_config = {**self.scheduler_config, **changed}
+        obj = self._scheduler
+        if hasattr(obj, "register_to_config"):          # diffusers' scheduler object
+            obj.register_to_config(**changed)
+        elif isinstance(getattr(obj, "config", None), FrozenConfig):   # ddpm_fast's
+            obj.config = FrozenConfig({**obj.config, **changed})
 
     def _sample_plan(self, plan, batch_size: int, generator, seed, first_image: int,
                      progress) -> torch.Tensor:

@@ -5,9 +5,10 @@ A diffusers user reads `pipe.scheduler.config` and swaps `pipe.scheduler` (for e
 holders of a validated config with diffusers' names (no diffusers import): `DDPMScheduler`
 (every setting of check_scheduler_config), `DDIMScheduler` (the same settings without
 `variance_type`, plus `set_alpha_to_one`) and the few-step solvers' classes
-(`DPMSolverMultistepScheduler`, `UniPCMultistepScheduler`, `EulerDiscreteScheduler`,
-`EulerAncestralDiscreteScheduler`, `DEISMultistepScheduler`: solvers.FAMILIES, each family's settings check). The
-pipeline samples with its own step tables; a
+(`DPMSolverMultistepScheduler`, `DPMSolverSinglestepScheduler`, `UniPCMultistepScheduler`,
+`EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `DEISMultistepScheduler`:
+solvers.FAMILIES, each family's settings check). The pipeline samples with its own step
+tables; a
 scheduler object of either library is read through its `.config` alone (duck typing) and its
 class name, and every setting is honoured or refused by name.
 
@@ -30,6 +31,7 @@ import torch
 
 from .schedule import DDPM_SCHEDULER_DEFAULTS, Schedule, check_scheduler_config
 from .solvers import BY_SCHEDULER
+from .solvers.singlestep import lower_order_final
 
 # DDIMScheduler's arguments (diffusers 0.42) with their defaults.
 DDIM_SCHEDULER_DEFAULTS = {
@@ -252,6 +254,20 @@ class DPMSolverMultistepScheduler(_SolverScheduler):
 
     FAMILY = "DPMSolverMultistepScheduler"
     DEFAULTS = BY_SCHEDULER[FAMILY].defaults
+
+
+class DPMSolverSinglestepScheduler(_SolverScheduler):
+    """The settings of diffusers' DPMSolverSinglestepScheduler (solvers/singlestep.py)."""
+
+    FAMILY = "DPMSolverSinglestepScheduler"
+    DEFAULTS = BY_SCHEDULER[FAMILY].defaults
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """As diffusers': lower_order_final is switched on in the config, for good, when the
+        steps are not a multiple of the order or the last noise level is zero."""
+        super().set_timesteps(num_inference_steps, device)
+        if lower_order_final(self.config, int(num_inference_steps)):
+            self.config = FrozenConfig({**self.config, "lower_order_final": True})
 
 
 class UniPCMultistepScheduler(_SolverScheduler):

@@ -1,5 +1,5 @@
 """Issue 21: the few-step solvers in the drop-in pipeline. A folder whose scheduler is
-DPMSolverMultistepScheduler, UniPC, Euler (ancestral) or DEIS, the `pipe.scheduler` swap and ddpm_fast's own scheduler objects all
+DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPC, Euler (ancestral) or DEIS, the `pipe.scheduler` swap and ddpm_fast's own scheduler objects all
 sample as diffusers' loop does (reference mode, same generator, same state after); fast mode
 (fp32) gives reference mode's images on the same Philox noise, and an image does not depend on
 its batch. The shipped digits model keeps samples O(1), so 1e-5 is an absolute bound."""
@@ -12,8 +12,8 @@ import torch
 import ddpm_fast
 import ddpm_fast.cli
 from ddpm_fast.cli import default_model_path
-from ddpm_fast.schedulers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                                  UniPCMultistepScheduler)
+from ddpm_fast.schedulers import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
+                                  EulerAncestralDiscreteScheduler, UniPCMultistepScheduler)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -97,6 +97,9 @@ CANONICAL = {       # schedulers diffusers' DDPMPipeline runs wrongly or not at 
                        {"use_karras_sigmas": True, "prediction_type": "v_prediction"}),
     "euler ancestral": ("EulerAncestralDiscreteScheduler", "euler-ancestral", {}),
     "deis order 3": ("DEISMultistepScheduler", "deis", {"solver_order": 3}),
+    # DDPMPipeline runs this one itself: the canonical loop is the same loop
+    "singlestep order 3 sde": ("DPMSolverSinglestepScheduler", "dpm++-singlestep",
+                               {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
 }
 
 
@@ -147,6 +150,7 @@ def test_save_pretrained_round_trips_the_solver(tmp_path, digits_unet):
     (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     (UniPCMultistepScheduler, {"solver_order": 3}),                  # the corrector's buffers
     (EulerAncestralDiscreteScheduler, {}),                # input scale, init sigma, noise
+    (DPMSolverSinglestepScheduler, {"solver_order": 3}),  # steps from the group's start
     (DPMSolverMultistepScheduler, {"thresholding": True, "sample_max_value": 0.8}),  # torch step
 ])
 def test_fast_mode_equals_reference_on_the_same_noise(cls, config):
@@ -162,6 +166,22 @@ def test_fast_mode_equals_reference_on_the_same_noise(cls, config):
     assert (got - want).abs().max() <= 1e-4, (got - want).abs().max()
     alone = fast(batch_size=1, first_image=2, **kw).images       # image 2 of the seed, alone
     assert torch.equal(alone[0], got[2])
+
+
+def test_singlestep_lower_order_final_switch_persists_as_in_diffusers(tmp_path, digits_unet):
+    """diffusers' set_timesteps switches a singlestep scheduler's lower_order_final on for good
+    after a step count that is not a multiple of the order: the next run, with a multiple, keeps
+    the lower-order final steps. Ours changes pipe.scheduler's config the same way."""
+    config = {"solver_order": 2, "final_sigmas_type": "sigma_min"}
+    theirs = _folder(tmp_path, digits_unet, diffusers.DPMSolverSinglestepScheduler(**config))
+    ours = ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
+    for steps in (4, 5, 4):
+        _same(_run(theirs, steps), _run(ours, steps))
+    assert theirs.scheduler.config.lower_order_final and ours.scheduler.config.lower_order_final
+    # a diffusers scheduler object assigned to our pipeline is changed as diffusers changes it
+    ours.scheduler = sched = diffusers.DPMSolverSinglestepScheduler(**config)
+    _run(ours, 5)
+    assert sched.config.lower_order_final
 
 
 def test_refused_before_any_work(tmp_path, digits_unet):

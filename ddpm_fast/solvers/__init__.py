@@ -8,6 +8,8 @@ dpmsolver: diffusers' DPMSolverMultistepScheduler (DPM-Solver, DPM-Solver++, the
 euler: EulerDiscreteScheduler and EulerAncestralDiscreteScheduler (σ-space steps, input scale,
     ancestral noise): euler_settings / euler_plan, euler_ancestral_settings / _plan.
 deis: DEISMultistepScheduler (log-ρ multistep): deis_settings, deis_plan.
+singlestep: DPMSolverSinglestepScheduler (k model calls a step from the group's start sample):
+    singlestep_settings, singlestep_plan.
 unipc: diffusers' UniPCMultistepScheduler (UniP predictor + UniC corrector, bh1/bh2, x̂0/ε̂):
     unipc_settings, unipc_plan.
 """
@@ -18,11 +20,11 @@ from .dpmsolver import DPM_SCHEDULER_DEFAULTS, dpm_plan, dpm_settings
 from .deis import DEIS_SCHEDULER_DEFAULTS, deis_plan, deis_settings
 from .euler import (EULER_ANCESTRAL_SCHEDULER_DEFAULTS, EULER_SCHEDULER_DEFAULTS, SWAP_KEYS,
                     euler_ancestral_plan, euler_ancestral_settings, euler_plan, euler_settings)
+from .singlestep import SINGLESTEP_SCHEDULER_DEFAULTS, singlestep_plan, singlestep_settings
 from .unipc import UNIPC_SCHEDULER_DEFAULTS, unipc_plan, unipc_settings
 from .table import (A, B0, B1, B2, C_IN, COLS, COLUMN_NAMES, K0, K1, K2, K3, KL, KX, ORDER, P, Q,
                     S, T, THRESH, WORD, Plan, initial_state, randn_diffusers, reference_sample,
                     solver_step)
-
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ FAMILIES = tuple(Family(name, sampler, defaults,
     # diffusers' DPM-Solver reads sigma_min / sigma_max (Euler's) for karras sigmas if present
     ("DPMSolverMultistepScheduler", "dpm++", DPM_SCHEDULER_DEFAULTS, dpm_settings, dpm_plan,
      frozenset({"sigma_min", "sigma_max"})),
+    ("DPMSolverSinglestepScheduler", "dpm++-singlestep", SINGLESTEP_SCHEDULER_DEFAULTS,
+     singlestep_settings, singlestep_plan, frozenset({"sigma_min", "sigma_max"})),
     ("UniPCMultistepScheduler", "unipc", UNIPC_SCHEDULER_DEFAULTS, unipc_settings, unipc_plan,
      frozenset()),
     ("EulerDiscreteScheduler", "euler", EULER_SCHEDULER_DEFAULTS, euler_settings, euler_plan,
@@ -75,5 +79,6 @@ __all__ = ["BY_SAMPLER", "BY_SCHEDULER", "FAMILIES", "Family", "A", "B0", "B1", 
            "unipc_settings", "EULER_SCHEDULER_DEFAULTS",
            "EULER_ANCESTRAL_SCHEDULER_DEFAULTS", "DEIS_SCHEDULER_DEFAULTS", "euler_plan",
            "euler_settings", "euler_ancestral_plan", "euler_ancestral_settings", "deis_plan",
-           "deis_settings", "randn_diffusers", "reference_sample",
+           "deis_settings", "SINGLESTEP_SCHEDULER_DEFAULTS", "singlestep_plan",
+           "singlestep_settings", "randn_diffusers", "reference_sample",
            "solver_step"]

@@ -75,11 +75,11 @@ _REFUSED = {
     "flow_shift": "it shifts flow-matching sigmas only, which ddpm_fast does not implement",
     "use_dynamic_shifting": "dynamic shifting is for flow-matching models",
 }
-# DDPMScheduler / DDIMScheduler settings that DPM-Solver does not take: diffusers keeps them in the
-# config of a scheduler made by from_config of theirs ("hidden" keys for compatible classes) and
-# ignores them, so they carry no setting here either (the swap a DDPM pipeline's user makes)
-OTHER_SCHEDULER_KEYS = frozenset(
-    set(DDPM_SCHEDULER_DEFAULTS) | {"set_alpha_to_one"}) - set(DPM_SCHEDULER_DEFAULTS)
+# DDPMScheduler / DDIMScheduler settings that a DPM-Solver class does not take: diffusers keeps
+# them in the config of a scheduler made by from_config of theirs ("hidden" keys for compatible
+# classes) and ignores them, so they carry no setting here either (the swap a DDPM pipeline's
+# user makes)
+DDPM_KEYS = frozenset(set(DDPM_SCHEDULER_DEFAULTS) | {"set_alpha_to_one"})
 # diffusers maps these values of other schedulers' configs (DEIS, UniPC) onto its own
 _ALGORITHM_ALIASES = {"deis": "dpmsolver++"}
 _SOLVER_ALIASES = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
@@ -100,17 +100,26 @@ def dpm_settings(config: dict) -> dict:
     DPMSolverMultistepScheduler arguments are refused by name. The aliases diffusers applies are
     applied the same way (algorithm_type "deis" → "dpmsolver++", solver_type "logrho" / "bh1" /
     "bh2" → "midpoint")."""
+    return check_settings(config, "DPMSolverMultistepScheduler", DPM_SCHEDULER_DEFAULTS,
+                          ALGORITHM_TYPES)
+
+
+def check_settings(config: dict, scheduler: str, defaults: dict, algorithms: tuple) -> dict:
+    """dpm_settings for `scheduler`, whose arguments are `defaults` (DPMSolverMultistepScheduler's
+    or a subset: the keys it lacks take their multistep defaults, which are neutral) and whose
+    algorithm types are `algorithms` (solvers/singlestep.py checks DPMSolverSinglestepScheduler
+    settings with it)."""
     if not isinstance(config, dict):
         raise ValueError(f"scheduler config must be a dict, got {type(config).__name__}")
     used_defaults = config.get("_use_default_values", [])
     given = {k: v for k, v in config.items() if not k.startswith("_") and
-             k not in used_defaults and k not in OTHER_SCHEDULER_KEYS}
-    unknown = sorted(k for k in given if k not in DPM_SCHEDULER_DEFAULTS)
+             k not in used_defaults and (k in defaults or k not in DDPM_KEYS)}
+    unknown = sorted(k for k in given if k not in defaults)
     if unknown:
-        raise ValueError(f"scheduler setting {unknown[0]!r} is not a DPMSolverMultistepScheduler "
+        raise ValueError(f"scheduler setting {unknown[0]!r} is not a {scheduler} "
                          "setting and is not honoured" +
                          (f" (also: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""))
-    cfg = {**DPM_SCHEDULER_DEFAULTS, **given}
+    cfg = {**DPM_SCHEDULER_DEFAULTS, **defaults, **given}
 
     def bad(key, why):
         raise ValueError(f"scheduler setting {key}={cfg[key]!r} is not supported: {why}")
@@ -142,7 +151,7 @@ def dpm_settings(config: dict) -> dict:
         bad("algorithm_type", "diffusers raises for it with final_sigmas_type='zero' (it maps "
                               "'deis' to 'dpmsolver++' only after that check)")
     cfg["algorithm_type"] = _ALGORITHM_ALIASES.get(algorithm, algorithm)
-    one_of("algorithm_type", ALGORITHM_TYPES)
+    one_of("algorithm_type", algorithms)
     cfg["solver_type"] = _SOLVER_ALIASES.get(cfg["solver_type"], cfg["solver_type"])
     one_of("solver_type", SOLVER_TYPES)
     one_of("final_sigmas_type", FINAL_SIGMAS_TYPES)
@@ -186,7 +195,7 @@ def dpm_settings(config: dict) -> dict:
                              "whole output)")
     # the beta settings, checked as DDPMScheduler's (the same arguments and formulas)
     _betas(cfg)
-    return cfg
+    return {k: cfg[k] for k in defaults}
 
 
 def _betas(cfg: dict) -> torch.Tensor:
@@ -250,7 +259,8 @@ def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return out
 
 
-def noise_levels(cfg: dict, num_inference_steps: int) -> tuple[list[int], np.ndarray]:
+def noise_levels(cfg: dict, num_inference_steps: int, round_cosine: bool = False
+                 ) -> tuple[list[int], np.ndarray]:
     """(timesteps, σ_0..σ_n) of set_timesteps(num_inference_steps): the integer timesteps the
     U-Net sees and the n+1 float32 noise levels (σ/α) the steps run between, the last one 0
     (final_sigmas_type "zero") or the first training level ("sigma_min"). Mirrors
@@ -261,7 +271,7 @@ def noise_levels(cfg: dict, num_inference_steps: int) -> tuple[list[int], np.nda
     abar, train_sigmas, lam = _train_levels(cfg)
     log_sigmas = np.log(train_sigmas)                    # float32, as diffusers' numpy log
     timesteps = _spaced_timesteps(cfg, n, lam)
-    round_t = cfg["beta_schedule"] != "squaredcos_cap_v2"   # diffusers truncates cosine's
+    round_t = round_cosine or cfg["beta_schedule"] != "squaredcos_cap_v2"
     if cfg["use_karras_sigmas"]:
         # Karras et al. 2022, eq. (5), ρ = 7, between the training schedule's ends
         s_min, s_max, rho = float(train_sigmas[0]), float(train_sigmas[-1]), 7.0
@@ -384,14 +394,24 @@ def update_coefficients(cfg: dict, order: int, levels: Sequence[float]
 
 
 def _update_coefficients(cfg, order, levels):
-    a_t, s_t, l_t = map(np.float64, _alpha_sigma(levels[0]))
-    a_s, s_s, l_s = map(np.float64, _alpha_sigma(levels[1]))
-    h = l_t - l_s
+    _, _, l_s = _alpha_sigma(levels[1])
+    coef_x, (w0, w1, w2), noise, h = step_weights(cfg, order, levels[0], levels[1])
     r0 = r1 = np.float64(np.nan)
     if order >= 2:
         r0 = (l_s - _alpha_sigma(levels[2])[2]) / h
     if order >= 3:
         r1 = (_alpha_sigma(levels[2])[2] - _alpha_sigma(levels[3])[2]) / h
+    return float(coef_x), [float(b) for b in _expand(order, r0, r1, (w0, w1, w2))], float(noise)
+
+
+def step_weights(cfg: dict, order: int, target: float, start: float):
+    """(coefficient of x, (w0, w1, w2), noise scale, h) of a step of this order from noise level
+    `start` to `target` (σ/α): the weights of D0, D1, D2 in update_coefficients' formulas, in
+    float64 (IEEE inf/NaN where diffusers' float32 gives them: the caller suppresses warnings).
+    Shared by the multistep and the singlestep solvers (their D's differ, not their weights)."""
+    a_t, s_t, l_t = map(np.float64, _alpha_sigma(target))
+    a_s, s_s, l_s = map(np.float64, _alpha_sigma(start))
+    h = l_t - l_s
     algorithm, heun = cfg["algorithm_type"], cfg["solver_type"] == "heun"
     if algorithm == "dpmsolver++":
         phi1 = -np.expm1(-h)                          # 1 − e^{−h}: ∫ e^{−(h−u)} du
@@ -421,7 +441,7 @@ def _update_coefficients(cfg, order, levels):
         w2 = 0.0
         coef_x = a_t / a_s
         noise = s_t * np.sqrt(np.expm1(2 * h))
-    return float(coef_x), [float(b) for b in _expand(order, r0, r1, (w0, w1, w2))], float(noise)
+    return coef_x, (w0, w1, w2), noise, h
 
 
 # ---------------------------------------------------------------------------- the plan
