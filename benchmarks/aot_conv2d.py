@@ -4,8 +4,8 @@ its speed: registers, spills, shared memory (and the launcher's estimate of it),
 dot became wgmma. Run in a process *without* TRITON_INTERPRET.
 
 The launcher runs as in sampling (same tile choice, same argument list) on meta tensors; its
-kernel call is recorded and compiled ahead of time with the JIT's own specialisations (integers
-equal to 1 become constants, multiples of 16 are marked divisible, pointers 16-byte aligned).
+kernel call is recorded and compiled ahead of time with the JIT's own specialisations (its
+binder: integers equal to 1 become constants, multiples of 16 are marked divisible, floats fp32).
 
     python -m benchmarks.aot_conv2d [--arch 90] [--batch 1] [--layers cifar10|256] [--out aot.json]
     python -m benchmarks.aot_conv2d --arch 86 --tile 128 256 64 8 2 --split-k 4 --layer up.conv2
@@ -34,10 +34,6 @@ from benchmarks.conv2d_layers import LAYER_SETS, make_inputs  # noqa: E402
 from ddpm_fast.kernels.triton import conv2d as conv_kernel  # noqa: E402
 from ddpm_fast.ops.conv2d import conv_padding, output_size  # noqa: E402
 
-TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                torch.int64: "i64", torch.int32: "i32"}
-
-
 class Recorder:
     """Stands in for the jitted kernel: `kernel[grid](*args, **kw)` records instead of launching."""
 
@@ -48,27 +44,47 @@ class Recorder:
         return lambda *args, **kw: self.calls.append((grid, args, kw))
 
 
-def specialise(fn, args, kw):
-    signature, constexprs, attrs = {}, {}, {}
-    names = fn.arg_names
-    for i, name in enumerate(names):
-        value = args[i] if i < len(args) else kw[name]
-        param = fn.params[i]
-        if param.is_constexpr:
-            signature[name], constexprs[(i,)] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + TRITON_TYPES[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif value == 1:                              # the JIT makes 1 a constant
-            signature[name], constexprs[(i,)] = "constexpr", 1
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+_BINDERS: dict = {}
+
+
+def _binder(fn, arch: int):
+    """(backend, the JIT's argument binder) of fn for sm_`arch`, made once."""
+    if (id(fn), arch) not in _BINDERS:
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        _BINDERS[id(fn), arch] = (fn, backend, create_function_from_signature(
+            fn.signature, fn.params, backend))
+    return _BINDERS[id(fn), arch][1:]
+
+
+_SOURCES: dict = {}
+
+
+def specialise(fn, args, kw, arch: int = 90):
+    """(ASTSource, options) of the kernel call fn[grid](*args, **kw) as the JIT would compile it
+    for sm_`arch`: its own binder decides the signature and specialisations (integers equal to
+    1 become constants, integers and pointers divisible by 16 are marked so, floats are fp32,
+    bools i1); meta tensors stand in for device ones (a view's pointer keeps its offset).
+    Options: what the call passes (num_warps, num_stages, launch_pdl), the rest defaults.
+    Calls that specialise alike get the same ASTSource object."""
+    backend, binder = _binder(fn, arch)
+    bound, specialization, _ = binder(*args, **kw)
     options = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages", "launch_pdl")}
-    return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), options
+    key = (id(fn), arch, tuple(specialization), tuple(sorted(options.items())))
+    if key not in _SOURCES:
+        # what JITFunction._pack_args makes of it (flat arguments: none of ours takes tuples)
+        signature, constexprs, attrs = {}, {}, {}
+        for i, (name, (kind, spec)) in enumerate(zip(fn.arg_names, specialization)):
+            signature[name] = kind
+            if kind == "constexpr":
+                constexprs[(i,)] = bound[name]
+                spec = ""
+            if isinstance(spec, str):
+                attrs[(i,)] = backend.parse_attr(spec)
+        _SOURCES[key] = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return _SOURCES[key], options
 
 
 def _cuobjdump(cubin: bytes, *flags: str) -> str:
@@ -151,7 +167,7 @@ def compile_layer(layer, batch: int, arch: int, tile=None, splits=None,
         for name, value in undo.items():
             setattr(conv_kernel, name, value)
     grid, args, kw = recorder.calls[0]
-    src, options = specialise(saved, args, kw)
+    src, options = specialise(saved, args, kw, arch)
     start = time.perf_counter()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]

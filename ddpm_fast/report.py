@@ -1,5 +1,5 @@
-"""What `ddpm-fast info` reports, as plain data: the versions, the devices, the native build, what
-each op and the fast runner's U-Net run on each device here (after the DDPM_FAST_BACKEND
+"""What `ddpm-fast info` reports, as plain data: the versions, the devices (each GPU's
+architecture and limits), the native build, what each op and the fast runner's U-Net run on each device here (after the DDPM_FAST_BACKEND
 override and what is built) beside the kernel table with its evidence, the DDPM_FAST_* settings
 in force, and a model folder's scheduler class and settings."""
 from __future__ import annotations
@@ -36,6 +36,7 @@ def environment_report(model=None) -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    info["gpus"] = gpu_report(info["native"])
     info["kernels"] = kernel_report()
     info["settings"] = {k: v for k, v in sorted(os.environ.items())
                         if k.startswith("DDPM_FAST_") or k == "TRITON_INTERPRET"}
@@ -43,6 +44,35 @@ def environment_report(model=None) -> dict:
     info["model"] = str(model)
     info["scheduler"] = scheduler_settings(model)
     return info
+
+
+def gpu_report(native: dict) -> list:
+    """Each visible GPU: its name and architecture, SMs, memory, the shared memory one block may
+    use (what the conv launcher sizes its tiles by), and what the native module has for it:
+    SASS compiled for that architecture, the PTX of an older one that the driver compiles at
+    first use, or nothing (the Triton and torch implementations then run)."""
+    import torch
+
+    built = sorted(int(a) for a in str(native.get("cuda_archs", "")).split(",") if a.strip())
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        arch = props.major * 10 + props.minor
+        if not native.get("cuda") or not built or arch < built[0]:
+            native_code = "none (Triton and torch kernels run)"
+        elif arch in built:
+            native_code = f"SASS for sm_{arch}"
+        else:
+            older = max(a for a in built if a <= arch)
+            native_code = f"PTX of sm_{older}, compiled by the driver at first use"
+        gpus.append({
+            "index": i, "name": props.name, "arch": f"sm_{arch}",
+            "sms": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2 ** 30, 1),
+            "shared_memory_per_block": getattr(props, "shared_memory_per_block_optin",
+                                               props.shared_memory_per_block),
+            "native_kernels": native_code})
+    return gpus
 
 
 def kernel_report() -> dict:

@@ -1,6 +1,16 @@
 import os
 
-import torch
+# Under pytest-xdist (pyproject's addopts run two workers, one a core): one torch thread a worker,
+# and in what its tests start. Two workers of two threads on two cores oversubscribe them, and
+# OpenMP's spinning waits then cost several times the work. Set before torch is imported.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+if XDIST_WORKER:
+    torch.set_num_threads(1)
 
 # Without a GPU, Triton kernels run in its interpreter on CPU tensors. The flag must be set before
 # any kernel module is imported (ddpm_fast imports them lazily, on first use).
@@ -9,7 +19,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from ddpm_fast.unet import PRESETS, UNetConfig
+from ddpm_fast.unet import PRESETS, UNetConfig  # noqa: E402
 
 def triton_backends() -> list:
     """["triton"] wherever the test extra installs Triton (Linux: pyproject's marker), so that a
@@ -46,3 +56,46 @@ def tiny_diffusers_unet():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     return diffusers.UNet2DModel(**diffusers_kwargs(PRESETS["tiny"])).eval()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--aot", action="store_true",
+                     help="also run the ahead-of-time GPU compile checks (tests marked aot: "
+                          "about 900 Triton compiles for sm_80-90, ~12 min on two cores when "
+                          "Triton's cache is cold; .ci/run runs them after the suite)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "aot: ahead-of-time GPU compiles; run with --aot")
+
+
+# The longest tests (seconds on one core of the 2-core machine: 119, 56, 43): started first, so
+# that under xdist neither worker is left running one of them while the other has finished
+SLOW_FIRST = ("test_quality.py::test_shipped_model_passes[reference",
+              "test_pipeline.py::test_bf16_fast_path_tracks_fp32",
+              "test_conv2d.py::test_unet_conv_kernels_equal_reference[triton")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not any(s in item.nodeid for s in SLOW_FIRST))   # stable
+    if not config.getoption("--aot"):
+        skip = pytest.mark.skip(reason="ahead-of-time GPU compiles: run with --aot "
+                                       "(.ci/run does)")
+        for item in items:
+            if "aot" in item.keywords:
+                item.add_marker(skip)
+    _group_shared_fixtures(config, items)
+
+
+def _group_shared_fixtures(config, items):
+    """Under xdist's loadgroup distribution (pyproject's addopts) the tests that share a module-
+    or class-scoped fixture run on one worker, so that it is made once, not once a worker; every
+    other test goes to whichever worker is free."""
+    if config.getvalue("dist") != "loadgroup":
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d[-1].scope in ("module", "class", "package") for d in defs if d):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

@@ -127,6 +127,34 @@ def test_info(capsys, monkeypatch):
     assert running["unet"] == "fused" and running["unet_up_to_batch"] == {"4": "conv"}
 
 
+def test_info_names_each_gpu_architecture(monkeypatch):
+    """On a GPU, info names its architecture and limits and what the native module has for it
+    (devices faked here: an H100, an RTX 4090 and a future sm_120 card against a build for
+    80;86;89;90, and against a CPU-only build)."""
+    import types
+
+    from ddpm_fast.report import gpu_report
+
+    cards = [("NVIDIA H100 80GB HBM3", 9, 0, 132, 232448), ("RTX 4090", 8, 9, 128, 101376),
+             ("Future", 12, 0, 160, 101376)]
+
+    def props(i):
+        name, major, minor, sms, smem = cards[i]
+        return types.SimpleNamespace(name=name, major=major, minor=minor,
+                                     multi_processor_count=sms, total_memory=80 * 2 ** 30,
+                                     shared_memory_per_block=49152,
+                                     shared_memory_per_block_optin=smem)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(cards))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    gpus = gpu_report({"cuda": True, "cuda_archs": "80,86,89,90"})
+    assert [g["arch"] for g in gpus] == ["sm_90", "sm_89", "sm_120"]
+    assert gpus[0]["sms"] == 132 and gpus[0]["shared_memory_per_block"] == 232448
+    assert [g["native_kernels"] for g in gpus] == [
+        "SASS for sm_90", "SASS for sm_89", "PTX of sm_90, compiled by the driver at first use"]
+    assert all(g["native_kernels"].startswith("none")
+               for g in gpu_report({"cuda": False, "cuda_archs": ""}))
+
+
 def test_train_then_sample(tmp_path, capsys):
     code, _, err = run(capsys, "train", "--out", tmp_path / "run", "--train-steps", 3,
                        "--batch-size", 4, "--checkpoint-every", 2, "--device", "cpu")

@@ -106,7 +106,9 @@ def test_bad_input():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_and_compile(backend):
-    x, weight, bias, add, groups = _inputs((2, 64, 4, 4, 32), torch.bfloat16, "channels_last")
+    # the registration is checked, not the numerics (test_group_norm above): few groups, as the
+    # interpreter's cost is per program (N·G of them) and opcheck runs the op many times
+    x, weight, bias, add, groups = _inputs((2, 16, 4, 4, 4), torch.bfloat16, "channels_last")
     with use_backend(backend):
         torch.library.opcheck(torch.ops.ddpm_fast.group_norm.default,
                               (x, weight, bias, groups, 1e-6, True, add))

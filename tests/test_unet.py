@@ -70,8 +70,12 @@ def test_fused_kernels_equal_reference(name):
         for backend in BACKENDS:
             if backend == "triton" and name == "cifar10":
                 continue   # the Triton interpreter is too slow for the full model
+            # the interpreter's cost is per program, N·G of them a norm: one image on Triton
+            # (its kernels take each image's row of the add at any batch: test_group_norm.py;
+            # the U-Net hands over the rows alike to every backend: the two images here)
+            n = 1 if backend == "triton" else 2
             with use_backend(backend):
-                assert (fused(x, t) - expect).abs().max() <= 1e-4
+                assert (fused(x[:n], t[:n]) - expect[:n]).abs().max() <= 1e-4
 
 
 def test_set_kernels_rejects_unknown():
