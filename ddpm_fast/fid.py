@@ -431,8 +431,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def main(argv=None, *, feature_extractor: FeatureExtractor | None = None) -> int:
-    """`ddpm-fast fid ...`: prints "FID: <value>" and returns 0, or prints one line
-    "ddpm-fast fid: error: ..." and returns 1 (argparse's usage errors: 2, --help: 0).
+    """`python -m ddpm_fast.fid ...`: prints "FID: <value>" and returns 0, or prints one line
+    "ddpm-fast fid: error: ..." and returns 2, as every ddpm-fast command does on bad input
+    (argparse's usage errors: 2 too, --help: 0).
     `feature_extractor` replaces Inception (tests)."""
     try:
         args = build_parser().parse_args(argv)
@@ -449,7 +450,7 @@ def main(argv=None, *, feature_extractor: FeatureExtractor | None = None) -> int
                     device=device)
     except FidError as e:
         print(f"ddpm-fast fid: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"FID: {value:.4f}")
     return 0
 

@@ -69,11 +69,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "aot: ahead-of-time GPU compiles; run with --aot")
 
 
-# The longest tests (seconds on one core of the 2-core machine: 119, 56, 43): started first, so
-# that under xdist neither worker is left running one of them while the other has finished
-SLOW_FIRST = ("test_quality.py::test_shipped_model_passes[reference",
-              "test_pipeline.py::test_bf16_fast_path_tracks_fp32",
-              "test_conv2d.py::test_unet_conv_kernels_equal_reference[triton")
+# The longest tests (seconds on one core of the 2-core machine: 65, 43, 25, 23, 20, 20): started
+# first, so that under xdist neither worker is left running one of them while the other is idle
+SLOW_FIRST = ("test_pipeline.py::test_bf16_fast_path_tracks_fp32",
+              "test_conv2d.py::test_unet_conv_kernels_equal_reference[triton",
+              "test_quality.py::test_shipped_model_passes",
+              "test_pipeline.py::test_reference_equals_diffusers_full_chain",
+              "test_conv2d.py::test_fast_runner_conv_kernels_sample_like_the_reference_kernels")
 
 
 @pytest.hookimpl(tryfirst=True)

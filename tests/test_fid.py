@@ -47,7 +47,7 @@ def _run(capsys, *argv, extractor=None):
 
 def _error(capsys, *argv, extractor=None):
     code, out, err = _run(capsys, *argv, extractor=extractor)
-    assert code == 1 and out == "", (out, err)
+    assert code == 2 and out == "", (out, err)
     assert err.startswith("ddpm-fast fid: error: ") and err.count("\n") == 1, err
     return err
 
