@@ -5,6 +5,8 @@ default) at the launches the fast runner makes, and check each compile: no regis
 
     python -m benchmarks.aot_kernels --arch 80 86 89 90 [--out aot_kernels.json] [--jobs 2]
     python -m benchmarks.aot_kernels --dry-run          # count the specialisations only
+    python -m benchmarks.aot_kernels --no-autotune --keep   # after a kernel change: commit
+                                                        # results/aot_kernels_usage.json
 
 Launches: the fast runner (ddpm_fast/fast.py) is built on meta tensors for the CIFAR-10 U-Net
 (unet.PRESETS["cifar10"]) at batch 1 and 64 and for the 256-px one at batch 4, and runs one
@@ -416,11 +418,43 @@ def _target_key(arch: int, options: tuple) -> str:
             f"{sorted(env.items())}")
 
 
-def usage_path(job) -> Path:
-    """Where the job's result is kept: named by what Triton's cache key of the compile is made
-    of (source and its callees, specialisation, options, target, Triton, environment)."""
+def usage_key(job) -> str:
+    """A digest of what Triton's cache key of the compile is made of (source and its callees,
+    specialisation, options, target, Triton, environment): equal on any machine with the same
+    Triton wheel, for the same kernel source."""
     key = f"{_source(job).hash()}-{_target_key(job['arch'], tuple(sorted(job['options'].items())))}"
-    return usage_cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()}.v{USAGE_VERSION}.json"
+    return f"{hashlib.sha256(key.encode()).hexdigest()}.v{USAGE_VERSION}"
+
+
+def usage_path(job) -> Path:
+    """Where the job's result is kept beside Triton's cache."""
+    return usage_cache_dir() / f"{usage_key(job)}.json"
+
+
+# Results of the launcher-config run (--no-autotune) kept in the repository under their
+# usage_key, so that a machine whose Triton cache is cold (CI) compiles only what changed since
+# (`--keep` rewrites the file). A changed kernel's source changes its keys: nothing stale is read.
+KEPT_RESULTS = Path(__file__).resolve().parent / "results" / "aot_kernels_usage.json"
+
+
+@functools.lru_cache(maxsize=None)
+def kept_results() -> dict:
+    try:
+        return json.loads(KEPT_RESULTS.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def keep_results(jobs: list, results: list) -> int:
+    """Write this run's results into KEPT_RESULTS (atomically; the keys of this Triton and
+    these kernel sources only). Returns how many it holds."""
+    kept = {usage_key(job): {k: r[k] for k in sorted(RESULT_FIELDS)}
+            for job, r in zip(jobs, results)}
+    tmp = KEPT_RESULTS.with_name(f"{KEPT_RESULTS.name}.{os.getpid()}.tmp")
+    lines = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(kept.items())]
+    tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n")      # a line a compile
+    os.replace(tmp, KEPT_RESULTS)
+    return len(kept)
 
 
 RESULT_FIELDS = {"reg", "stack", "local", "ptxas_reg", "stack_frame", "spill_stores",
@@ -429,11 +463,14 @@ RESULT_FIELDS = {"reg", "stack", "local", "ptxas_reg", "stack_frame", "spill_sto
 
 
 def cached_result(job):
-    """An earlier compile's result, if complete."""
-    try:
-        result = json.loads(usage_path(job).read_text())
-    except (OSError, ValueError):
-        return None
+    """An earlier compile's result, if complete: the repository's (KEPT_RESULTS), else one kept
+    beside this machine's Triton cache."""
+    result = kept_results().get(usage_key(job))
+    if result is None:
+        try:
+            result = json.loads(usage_path(job).read_text())
+        except (OSError, ValueError):
+            return None
     return dict(result, cached=True) if RESULT_FIELDS <= result.keys() else None
 
 
@@ -600,6 +637,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true",
                         help="the summary and the problems only, not every compile")
     parser.add_argument("--out", type=Path, help="write everything as JSON")
+    parser.add_argument("--keep", action="store_true",
+                        help="write the results into benchmarks/results/aot_kernels_usage.json "
+                             "(commit it after a kernel change: CI then compiles nothing)")
     a = parser.parse_args(argv)
     unknown = [arch for arch in a.arch if arch not in conv_kernels.SMEM_PER_BLOCK]
     if unknown:
@@ -678,6 +718,9 @@ def main(argv=None) -> int:
                       f"STACK {r['stack']} B, LOCAL {r['local']} B, shared {r['shared']} B; "
                       f"{len(r['uses'])} uses, e.g. {r['uses'][0]}")
     cached = sum(r["cached"] for r in rows)
+    if a.keep:
+        print(f"kept {keep_results([s['job'] for s in specs], results)} results in "
+              f"{KEPT_RESULTS}")
     total_s = time.perf_counter() - start
     print(f"\n{len(rows)} specialisations ({len(rows) - cached} compiled now, {cached} earlier) "
           f"for sm_{', sm_'.join(map(str, a.arch))}: recording {record_s:.1f} s, compiling "

@@ -61,8 +61,9 @@ def tiny_diffusers_unet():
 def pytest_addoption(parser):
     parser.addoption("--aot", action="store_true",
                      help="also run the ahead-of-time GPU compile checks (tests marked aot: "
-                          "about 900 Triton compiles for sm_80-90, ~12 min on two cores when "
-                          "Triton's cache is cold; .ci/run runs them after the suite)")
+                          "about 900 Triton compiles for sm_80-90, read from "
+                          "benchmarks/results/aot_kernels_usage.json where a kernel has not "
+                          "changed; .ci/run runs them after the suite)")
 
 
 def pytest_configure(config):

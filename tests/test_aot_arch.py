@@ -10,10 +10,13 @@ run compiles nothing (about 30 s here); a cold run compiles about 3,000 kernels 
 script's JSON `seconds`).
 
 The configs compiled here are the launcher's own choice under each architecture's limit (and
-that tile with split-K off where it splits): 908 specialisations, about 12 minutes cold on two
-cores, so these tests run only when asked (`pytest --aot`; .ci/run does). The autotune
-candidates at every layer (3,046 specialisations in all) are the script's full run, without
---no-autotune.
+that tile with split-K off where it splits): 908 specialisations, about 12 minutes on two cores
+when nothing is cached, so these tests run only when asked (`pytest --aot`; .ci/run does).
+benchmarks/results/aot_kernels_usage.json keeps their results under Triton's compile key (the
+kernel source, specialisation, target and Triton itself): a machine with a cold cache compiles
+only the specialisations whose kernels changed since it was written (`python -m
+benchmarks.aot_kernels --no-autotune --keep` rewrites it). The autotune candidates at every
+layer (3,046 specialisations in all) are the script's full run, without --no-autotune.
 
 Spills that Triton 3.9 is known to make are listed in KNOWN_SPILLS with their sizes: each is an
 expected failure (strict: one that stops spilling fails, so that the list is kept true), and
@@ -88,6 +91,9 @@ def _known(row):
 def test_every_kernel_compiles_for_every_arch_at_every_run(aot):
     _, data = aot
     assert data["archs"] == list(ARCHS)
+    # what was compiled now rather than read (benchmarks/results/aot_kernels_usage.json), for
+    # the log: a kernel changed without --keep makes CI compile it (correct, only slower)
+    print(f"aot: {data['compiled_now']} compiled now, {data['compiled_earlier']} kept")
     assert set(data["summary"]) == KERNELS
     for kernel, by_arch in data["summary"].items():
         assert set(by_arch) == {str(a) for a in ARCHS}, kernel
