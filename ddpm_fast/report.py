@@ -1,7 +1,8 @@
 """What `ddpm-fast info` reports, as plain data: the versions, the devices (each GPU's
-architecture and limits), the native build, what each op and the fast runner's U-Net run on each device here (after the DDPM_FAST_BACKEND
-override and what is built) beside the kernel table with its evidence, the DDPM_FAST_* settings
-in force, and a model folder's scheduler class and settings."""
+architecture and limits), the native build, what each op and the fast runner's U-Net run on
+each device here (after the DDPM_FAST_BACKEND override and what is built) beside the kernel
+table with its evidence, the DDPM_FAST_* settings in force, and a model folder's scheduler
+class and settings."""
 from __future__ import annotations
 
 import os
