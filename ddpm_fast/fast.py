@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 from .ops.backend import UNET_SETTINGS, UNET_TABLE, unet_setting
-from .ops.ddpm_step import ddpm_step_general, ddpm_step_out, threshold_sample
+from .ops.ddpm_step import ddpm_step_general, ddpm_step_out
 from .ops.philox import _philox_normal_op as philox_normal_op
 from .ops.philox import key_tensor, philox_normal
 from .ops.solver_step import solver_step_
@@ -357,6 +357,7 @@ class FastRunner:
         takes part. The row, the Philox word and the noise stay on the device either way, so a
         CUDA graph captures it."""
         from .solvers import table as col
+        from .solvers.table import limit_prediction
 
         x, buffers = state["x"], state["buffers"]
         _, corrector, stochastic, threshold, keep = state["rule"]
@@ -371,7 +372,7 @@ class FastRunner:
             out = out[:, :keep]
         m = row[col.P] * x + row[col.Q] * out.float()
         if threshold is not None:
-            m = threshold_sample(m, *threshold)
+            m = limit_prediction(m, threshold)
         x_last, m1, m2, m3 = buffers
         if corrector:
             x_c = (row[col.KX] * x + row[col.KL] * x_last + row[col.K0] * m + row[col.K1] * m1

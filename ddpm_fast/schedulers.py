@@ -6,7 +6,8 @@ holders of a validated config with diffusers' names (no diffusers import): `DDPM
 (every setting of check_scheduler_config), `DDIMScheduler` (the same settings without
 `variance_type`, plus `set_alpha_to_one`) and the few-step solvers' classes
 (`DPMSolverMultistepScheduler`, `DPMSolverSinglestepScheduler`, `UniPCMultistepScheduler`,
-`EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `DEISMultistepScheduler`:
+`EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `DEISMultistepScheduler`,
+`HeunDiscreteScheduler`:
 solvers.FAMILIES, each family's settings check). The pipeline samples with its own step
 tables; a
 scheduler object of either library is read through its `.config` alone (duck typing) and its
@@ -290,6 +291,14 @@ class EulerAncestralDiscreteScheduler(_SolverScheduler):
     """The settings of diffusers' EulerAncestralDiscreteScheduler (solvers/euler.py)."""
 
     FAMILY = "EulerAncestralDiscreteScheduler"
+    DEFAULTS = BY_SCHEDULER[FAMILY].defaults
+
+
+class HeunDiscreteScheduler(_SolverScheduler):
+    """The settings of diffusers' HeunDiscreteScheduler (solvers/heun.py): two model calls a
+    noise level, as diffusers' canonical loop runs it."""
+
+    FAMILY = "HeunDiscreteScheduler"
     DEFAULTS = BY_SCHEDULER[FAMILY].defaults
 
 

@@ -153,7 +153,7 @@ def test_use_default_values_is_followed_like_diffusers(tmp_path, tiny_unet, defa
 REFUSED = [
     ({"variance_power": 2.0}, "variance_power"),
     ({"set_alpha_to_one": False}, "set_alpha_to_one"),          # a DDIMScheduler setting
-    ({"_class_name": "HeunDiscreteScheduler"}, "HeunDiscreteScheduler"),
+    ({"_class_name": "PNDMScheduler"}, "PNDMScheduler"),
     ({"variance_type": "fixed_large_log"}, "variance_type='fixed_large_log'.*NaN"),
     ({"variance_type": "learned_"}, "variance_type='learned_'"),
     ({"prediction_type": "x_prediction"}, "prediction_type='x_prediction'"),
@@ -195,9 +195,9 @@ def test_model_index_naming_another_scheduler_is_refused(tmp_path, tiny_unet):
     _save(tmp_path, tiny_unet)
     p = tmp_path / "model_index.json"
     index = json.loads(p.read_text())
-    index["scheduler"] = ["diffusers", "HeunDiscreteScheduler"]
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
     p.write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="model_index.json.*HeunDiscreteScheduler"):
+    with pytest.raises(CheckpointError, match="model_index.json.*PNDMScheduler"):
         ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
 
 

@@ -27,10 +27,11 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DEISMultistepScheduler, EulerAncestralDiscreteScheduler,  # noqa: E402
-                       EulerDiscreteScheduler)
+                       EulerDiscreteScheduler, HeunDiscreteScheduler)
 
 from ddpm_fast.solvers import deis  # noqa: E402
 from ddpm_fast.solvers import euler as eu  # noqa: E402
+from ddpm_fast.solvers import heun  # noqa: E402
 from ddpm_fast.solvers import reference_sample  # noqa: E402
 from ddpm_fast.solvers import table as tab  # noqa: E402
 from ddpm_fast.solvers.table import initial_state, solver_step  # noqa: E402
@@ -69,6 +70,9 @@ FAMILIES = {
     "deis": types.SimpleNamespace(cls=DEISMultistepScheduler, plan=deis.deis_plan,
                                   settings=deis.deis_settings,
                                   defaults=deis.DEIS_SCHEDULER_DEFAULTS),
+    "heun": types.SimpleNamespace(cls=HeunDiscreteScheduler, plan=heun.heun_plan,
+                                  settings=heun.heun_settings,
+                                  defaults=heun.HEUN_SCHEDULER_DEFAULTS),
 }
 
 
@@ -404,7 +408,10 @@ def test_ddpm_config_swap():
     for family in FAMILIES:
         swapped = scheduler_of(family, ddpm)
         config = {k: v for k, v in swapped.config.items() if not k.startswith("_")}
-        assert "clip_sample" in config and "clip_sample" not in FAMILIES[family].settings(config)
+        settings = FAMILIES[family].settings(config)
+        assert "clip_sample" in config
+        # Heun takes clip_sample (it clamps x̂0): DDPM's True carries over, as in diffusers
+        assert settings["clip_sample"] if family == "heun" else "clip_sample" not in settings
         assert config["timestep_spacing"] == "leading"
         check(family, config, 10, "ddpm config swap")
         with pytest.raises(ValueError, match="skip_prk_steps"):   # other classes: refused
@@ -550,8 +557,63 @@ def test_deis_third_order_is_float32_limited(config, n):
     assert ours <= 2 * theirs and ours <= ATOL
 
 
+# ---------------------------------------------------------------- Heun
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("spacing, offset", SPACINGS)
+def test_heun_spacings_and_predictions(prediction, spacing, offset):
+    config = dict(timestep_spacing=spacing, steps_offset=offset, prediction_type=prediction)
+    for n in (1, 7, 10, 13):
+        check("heun", config, n, f"{spacing} {prediction}", seed=n)
+
+
+def test_heun_karras_betas_and_clip():
+    for n in (7, 10, 25):
+        check("heun", {"use_karras_sigmas": True}, n, "karras", seed=n)
+    check("heun", {"beta_schedule": "scaled_linear"}, 10, "betas")
+    check("heun", {"beta_start": 0.0001, "beta_end": 0.02}, 10, "DDPM betas")
+    # clip_sample clamps x̂0 in both calls (a DDPM pipeline's config brings clip_sample=True)
+    config = {"clip_sample": True, "clip_sample_range": 1.5, "beta_start": 0.0001,
+              "beta_end": 0.02}
+    assert heun.heun_plan(config, 10).threshold == (1.5,)
+    check("heun", config, 10, "clip_sample")
+    model = Denoiser("heun", config)
+    assert not torch.allclose(diffusers_loop("heun", config, 10, model)[0],
+                              diffusers_loop("heun", {**config, "clip_sample": False}, 10,
+                                             model)[0])
+
+
+def test_heun_table_layout():
+    """2n − 1 calls: an Euler row (KX = 1) at each level, then the correction from x_last (the
+    Euler step's start) and m1 (its x̂0) with the mean of the two slopes; the last level pair
+    ends with the Euler step onto σ = 0."""
+    plan = heun.heun_plan({}, 4)
+    t, s = plan.table, plan.sigmas
+    assert t.shape == (7, tab.COLS) and plan.corrector and not plan.stochastic
+    assert plan.orders == [1, 2, 1, 2, 1, 2, 1] == t[:, tab.ORDER].int().tolist()
+    assert plan.timesteps[1] == plan.timesteps[2] and plan.timesteps[3] == plan.timesteps[4]
+    assert t[0::2, tab.KX].tolist() == [1.0] * 4 and bool((t[0::2, tab.KL] == 0).all())
+    sigma, sigma_next = s[0], s[1]
+    dt = sigma_next - sigma
+    want = {tab.KX: dt / (2 * sigma_next), tab.KL: 1 + dt / (2 * sigma),
+            tab.K0: -dt / (2 * sigma_next), tab.K1: -dt / (2 * sigma), tab.A: 1.0}
+    for col, value in want.items():
+        assert float(t[1, col]) == pytest.approx(value, rel=1e-6)
+    assert float(t[6, tab.A]) == 0.0 and float(t[6, tab.B0]) == 1.0     # onto σ = 0: x̂0
+
+
+def test_heun_real_unet():
+    config = {"beta_start": 0.0001, "beta_end": 0.02}
+    check("heun", config, 6, "tiny UNet2DModel", model=Denoiser("heun", config, net=tiny_unet()))
+
+
 # ---------------------------------------------------------------- refusals
 REFUSED = [
+    ("heun", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+    ("heun", {"beta_schedule": "exp"}, "beta_schedule"),
+    ("heun", {"clip_sample": True, "clip_sample_range": 0}, "clip_sample_range"),
+    ("heun", {"use_karras_sigmas": True, "sigma_max": 60.0}, "sigma_max"),   # Euler's, read
+    ("heun", {"prediction_type": "original_sample"}, "prediction_type"),
+    ("heun", {"variance_type": "learned_range"}, "variance_type"),
     ("euler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
     ("euler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
     ("euler", {"use_beta_sigmas": True, "use_karras_sigmas": True}, "use_beta_sigmas"),

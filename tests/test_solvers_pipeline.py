@@ -1,5 +1,6 @@
 """Issue 21: the few-step solvers in the drop-in pipeline. A folder whose scheduler is
-DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPC, Euler (ancestral) or DEIS, the `pipe.scheduler` swap and ddpm_fast's own scheduler objects all
+DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPC, Euler (ancestral), DEIS or
+Heun, the `pipe.scheduler` swap and ddpm_fast's own scheduler objects all
 sample as diffusers' loop does (reference mode, same generator, same state after); fast mode
 (fp32) gives reference mode's images on the same Philox noise, and an image does not depend on
 its batch. The shipped digits model keeps samples O(1), so 1e-5 is an absolute bound."""
@@ -13,7 +14,8 @@ import ddpm_fast
 import ddpm_fast.cli
 from ddpm_fast.cli import default_model_path
 from ddpm_fast.schedulers import (DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
-                                  EulerAncestralDiscreteScheduler, UniPCMultistepScheduler)
+                                  EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+                                  UniPCMultistepScheduler)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -97,6 +99,10 @@ CANONICAL = {       # schedulers diffusers' DDPMPipeline runs wrongly or not at 
                        {"use_karras_sigmas": True, "prediction_type": "v_prediction"}),
     "euler ancestral": ("EulerAncestralDiscreteScheduler", "euler-ancestral", {}),
     "deis order 3": ("DEISMultistepScheduler", "deis", {"solver_order": 3}),
+    "heun, the DDPM swap's settings": ("HeunDiscreteScheduler", "heun",
+                                       {"beta_start": 0.0001, "beta_end": 0.02,
+                                        "clip_sample": True, "timestep_spacing": "leading",
+                                        "steps_offset": 1}),
     # DDPMPipeline runs this one itself: the canonical loop is the same loop
     "singlestep order 3 sde": ("DPMSolverSinglestepScheduler", "dpm++-singlestep",
                                {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
@@ -151,6 +157,8 @@ def test_save_pretrained_round_trips_the_solver(tmp_path, digits_unet):
     (UniPCMultistepScheduler, {"solver_order": 3}),                  # the corrector's buffers
     (EulerAncestralDiscreteScheduler, {}),                # input scale, init sigma, noise
     (DPMSolverSinglestepScheduler, {"solver_order": 3}),  # steps from the group's start
+    (HeunDiscreteScheduler, {"beta_start": 0.0001, "beta_end": 0.02,
+                             "clip_sample": True}),       # two calls a level, x̂0 clamped
     (DPMSolverMultistepScheduler, {"thresholding": True, "sample_max_value": 0.8}),  # torch step
 ])
 def test_fast_mode_equals_reference_on_the_same_noise(cls, config):
@@ -190,8 +198,8 @@ def test_refused_before_any_work(tmp_path, digits_unet):
     with pytest.raises(ValueError, match="use_exponential_sigmas"):
         ddpm_fast.DDPMPipeline.from_pretrained(tmp_path)
     ours = ddpm_fast.DDPMPipeline.from_pretrained(default_model_path())
-    with pytest.raises(ValueError, match="HeunDiscreteScheduler.*DPMSolverMultistepScheduler"):
-        ours.scheduler = diffusers.HeunDiscreteScheduler()
+    with pytest.raises(ValueError, match="PNDMScheduler.*DPMSolverMultistepScheduler"):
+        ours.scheduler = diffusers.PNDMScheduler()
     with pytest.raises(ValueError, match="eta=0.3 is a DDIM argument"):
         ours(sampler="dpm++", eta=0.3, num_inference_steps=2)
     with pytest.raises(ValueError, match="clip is a DDPM / DDIM argument"):

@@ -8,6 +8,8 @@ dpmsolver: diffusers' DPMSolverMultistepScheduler (DPM-Solver, DPM-Solver++, the
 euler: EulerDiscreteScheduler and EulerAncestralDiscreteScheduler (σ-space steps, input scale,
     ancestral noise): euler_settings / euler_plan, euler_ancestral_settings / _plan.
 deis: DEISMultistepScheduler (log-ρ multistep): deis_settings, deis_plan.
+heun: HeunDiscreteScheduler (Euler step, then the trapezoidal correction: two calls a level):
+    heun_settings, heun_plan.
 singlestep: DPMSolverSinglestepScheduler (k model calls a step from the group's start sample):
     singlestep_settings, singlestep_plan.
 unipc: diffusers' UniPCMultistepScheduler (UniP predictor + UniC corrector, bh1/bh2, x̂0/ε̂):
@@ -20,6 +22,7 @@ from .dpmsolver import DPM_SCHEDULER_DEFAULTS, dpm_plan, dpm_settings
 from .deis import DEIS_SCHEDULER_DEFAULTS, deis_plan, deis_settings
 from .euler import (EULER_ANCESTRAL_SCHEDULER_DEFAULTS, EULER_SCHEDULER_DEFAULTS, SWAP_KEYS,
                     euler_ancestral_plan, euler_ancestral_settings, euler_plan, euler_settings)
+from .heun import HEUN_SCHEDULER_DEFAULTS, heun_plan, heun_settings
 from .singlestep import SINGLESTEP_SCHEDULER_DEFAULTS, singlestep_plan, singlestep_settings
 from .unipc import UNIPC_SCHEDULER_DEFAULTS, unipc_plan, unipc_settings
 from .table import (A, B0, B1, B2, C_IN, COLS, COLUMN_NAMES, K0, K1, K2, K3, KL, KX, ORDER, P, Q,
@@ -69,6 +72,8 @@ FAMILIES = tuple(Family(name, sampler, defaults,
      euler_ancestral_settings, euler_ancestral_plan, frozenset()),
     ("DEISMultistepScheduler", "deis", DEIS_SCHEDULER_DEFAULTS, deis_settings, deis_plan,
      frozenset({"sigma_min", "sigma_max"})),
+    ("HeunDiscreteScheduler", "heun", HEUN_SCHEDULER_DEFAULTS, heun_settings, heun_plan,
+     frozenset({"sigma_min", "sigma_max"})),
 ))
 BY_SCHEDULER = {f.scheduler: f for f in FAMILIES}
 BY_SAMPLER = {f.sampler: f for f in FAMILIES}
@@ -80,5 +85,6 @@ __all__ = ["BY_SAMPLER", "BY_SCHEDULER", "FAMILIES", "Family", "A", "B0", "B1", 
            "EULER_ANCESTRAL_SCHEDULER_DEFAULTS", "DEIS_SCHEDULER_DEFAULTS", "euler_plan",
            "euler_settings", "euler_ancestral_plan", "euler_ancestral_settings", "deis_plan",
            "deis_settings", "SINGLESTEP_SCHEDULER_DEFAULTS", "singlestep_plan",
-           "singlestep_settings", "randn_diffusers", "reference_sample",
+           "singlestep_settings", "HEUN_SCHEDULER_DEFAULTS", "heun_plan", "heun_settings",
+           "randn_diffusers", "reference_sample",
            "solver_step"]

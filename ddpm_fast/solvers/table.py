@@ -6,7 +6,8 @@ the U-Net's timesteps, the initial noise scale and one float32 row per step. A s
 
     x_in = C_IN·x                                         U-Net input (scale_model_input)
     m    = P·x + Q·out                                    converted output (convert_model_output;
-                                                          then dynamic thresholding when THRESH)
+                                                          then dynamic thresholding or a clamp
+                                                          when THRESH)
     x_c  = KX·x + KL·x_last + K0·m + K1·m1 + K2·m2 + K3·m3   corrector (UniPC's; KX = 1 and the
                                                           rest 0 where a step has none)
     x'   = A·x_c + B0·m + B1·m1 + B2·m2 + S·z             predictor / update
@@ -48,7 +49,9 @@ class Plan:
     table64: torch.Tensor               # the same rows in float64 (a float64 yardstick run)
     stochastic: bool                    # one z per step, drawn after the model call
     corrector: bool = False             # some row has a corrector (KX ≠ 1 or K* ≠ 0)
-    threshold: Optional[tuple] = None   # (ratio, max value): dynamic thresholding of m (THRESH)
+    # (ratio, max value): dynamic thresholding of m; (range,): m clamped to ±range (Heun's
+    # clip_sample); THRESH is 1 on every row with either (limit_prediction)
+    threshold: Optional[tuple] = None
     keep_channels: Optional[int] = None  # m uses out[:, :keep_channels] (learned variances)
     sigmas: list = field(default_factory=list)   # the noise levels the steps run between
     orders: list = field(default_factory=list)   # order of each step (also column ORDER)
@@ -90,8 +93,16 @@ def convert_output(plan: Plan, row: torch.Tensor, x: torch.Tensor, out) -> torch
                          f"{tuple(x.shape)}")
     m = row[P] * x + row[Q] * out.to(x.dtype)
     if plan.threshold is not None:           # THRESH is 1 on every row then (no host read)
-        m = threshold_sample(m, *plan.threshold)
+        m = limit_prediction(m, plan.threshold)
     return m
+
+
+def limit_prediction(m: torch.Tensor, threshold: tuple) -> torch.Tensor:
+    """m under a plan's threshold: dynamic thresholding (ratio, max value), or a clamp to
+    ±range for (range,) (a scheduler's clip_sample)."""
+    if len(threshold) == 1:
+        return m.clamp(-threshold[0], threshold[0])
+    return threshold_sample(m, *threshold)
 
 
 def solver_step(plan: Plan, row: torch.Tensor, x: torch.Tensor, out, state: list,
