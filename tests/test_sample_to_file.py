@@ -140,7 +140,7 @@ def test_another_runs_shards_are_refused_by_name(tmp_path, model_dir, pipe):
     ("0-3", {"variance": "small"}, ValueError, "variance must be one of"),
     ("0-3", {"eta": 2.0}, ValueError, "eta must be in"),
     ("0-3", {"seed": -1}, ValueError, "seed must be a non-negative integer"),
-    ("0-3", {"sampler": "heun"}, ValueError, "sampler must be"),
+    ("0-3", {"sampler": "lms"}, ValueError, "sampler must be"),
     ("0-3", {"out": "x.jpg"}, ValueError, "use .png"),
     ("0-3", {"out": "exists.npz"}, FileExistsError, "overwrite=True"),
 ])
