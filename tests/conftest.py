@@ -86,7 +86,7 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="ahead-of-time GPU compiles: run with --aot "
                                        "(.ci/run does)")
         for item in items:
-            if "aot" in item.keywords:
+            if item.get_closest_marker("aot") is not None:
                 item.add_marker(skip)
     _group_shared_fixtures(config, items)
 
