@@ -76,14 +76,14 @@ for stage in "${STAGES[@]}"; do
         ;;
     tests)
         step "tests (CUDA ones included)"
-        (cd tests && python3 -m pytest -q -x -p no:cacheprovider . ) > "$OUT/tests.log" 2>&1 || status=1
+        (cd tests && python3 -m pytest -o addopts=-ra -q -x -p no:cacheprovider . ) > "$OUT/tests.log" 2>&1 || status=1
         tail -5 "$OUT/tests.log"
         ;;
     memcheck)
         command -v compute-sanitizer > /dev/null || { echo "no compute-sanitizer"; continue; }
         step "compute-sanitizer memcheck on the CUDA kernel tests"
         (cd tests && compute-sanitizer --tool memcheck --error-exitcode 3 \
-            python3 -m pytest -q -p no:cacheprovider test_cuda.py -k "not graph and not compile") \
+            python3 -m pytest -o addopts=-ra -q -p no:cacheprovider test_cuda.py -k "not graph and not compile") \
             > "$OUT/memcheck.log" 2>&1 || status=1
         tail -5 "$OUT/memcheck.log"
         ;;
@@ -111,7 +111,7 @@ for stage in "${STAGES[@]}"; do
         # compile caches for the throughput runs: compiling is most of a cold run's time
         step "fused conv: CUDA tests, and the compile caches warming beside them"
         xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
-        (cd tests && python3 -m pytest -q -p no:cacheprovider $xdist test_cuda.py -k conv) \
+        (cd tests && python3 -m pytest -o addopts=-ra -q -p no:cacheprovider $xdist test_cuda.py -k conv) \
             > "$OUT/conv_tests.log" 2>&1 &
         tests_pid=$!
         warm_jobs=()
@@ -157,7 +157,7 @@ for stage in "${STAGES[@]}"; do
         tail -18 "$OUT/conv2d_layers_256.log"
         if command -v compute-sanitizer > /dev/null; then
             step "fused conv: compute-sanitizer memcheck (bf16, batch 1 and 3)"
-            (cd tests && compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest \
+            (cd tests && compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -o addopts=-ra \
                 -q -p no:cacheprovider test_cuda.py \
                 -k "(conv2d_triton_cuda and bf16 and b3) or (conv2d_group_statistics and b3) or split_k") \
                 > "$OUT/conv_memcheck.log" 2>&1 || status=1
@@ -180,7 +180,7 @@ for stage in "${STAGES[@]}"; do
         ;;
     solvers)
         step "few-step solvers: per-step time against the DDPM step, cold start (issue 21)"
-        python3 -m pytest -q tests/test_solver_step.py tests/test_solvers_pipeline.py \
+        python3 -m pytest -o addopts=-ra -q tests/test_solver_step.py tests/test_solvers_pipeline.py \
             -k "fast_mode or implementations" > "$OUT/solver_tests.log" 2>&1 || status=1
         tail -3 "$OUT/solver_tests.log"
         python3 benchmarks/solver_steps.py --device cuda --config cifar10 --batch 1 256 \

@@ -95,7 +95,7 @@ def _group_shared_fixtures(config, items):
     """Under xdist's loadgroup distribution (pyproject's addopts) the tests that share a module-
     or class-scoped fixture run on one worker, so that it is made once, not once a worker; every
     other test goes to whichever worker is free."""
-    if config.getvalue("dist") != "loadgroup":
+    if config.getoption("dist", default=None) != "loadgroup":       # xdist absent or off
         return
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
