@@ -343,6 +343,16 @@ def pipeline_call(pipe, seed: int, num_inference_steps: Optional[int], sampler: 
                 variance=variance, clip=clip)
 
 
+def unet_calls(pipe, call: dict) -> int:
+    """The U-Net calls (progress steps) of one pipeline call: its steps, or the rows of a few-step
+    solver's plan (Heun: 2n − 1 for n steps), which is also checked here, before any work."""
+    from .solvers import BY_SAMPLER
+
+    if call["sampler"] not in BY_SAMPLER:
+        return call["num_inference_steps"]
+    return len(pipe.solver_plan(call["sampler"], call["num_inference_steps"]).timesteps)
+
+
 def open_run(parts: Path, settings: dict, seeds: list[int], shard_size: int, overwrite: bool,
              device: torch.device) -> tuple[ShardStore, list[list[int]]]:
     """The shard folder of a run, and this rank's shards still to sample. Collective under
@@ -416,7 +426,7 @@ def sample_to_file(pipe, seeds: Union[str, Iterable[int]], out, *, batch_size: U
         store, work = open_run(parts, run_settings(pipe, call), seeds, shard_size, overwrite,
                                pipe.device)
     runs = sum(len(contiguous_runs(w, batch_size)) for w in work)
-    bar, update = step_progress(progress, call["num_inference_steps"] * runs, sum(map(len, work)))
+    bar, update = step_progress(progress, unet_calls(pipe, call) * runs, sum(map(len, work)))
     peak = []
 
     def sample_batch(first: int, count: int):

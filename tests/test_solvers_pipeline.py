@@ -192,6 +192,15 @@ def test_singlestep_lower_order_final_switch_persists_as_in_diffusers(tmp_path, 
     assert sched.config.lower_order_final
 
 
+def test_progress_counts_unet_calls():
+    """The CLI's and sample_to_file's bar counts U-Net calls: 2n − 1 for Heun's n steps."""
+    from ddpm_fast.distributed import pipeline_call, unet_calls
+
+    pipe = ddpm_fast.DDPMPipeline.from_pretrained(default_model_path())
+    for sampler, calls in (("heun", 9), ("dpm++", 5), ("ddim", 5)):
+        assert unet_calls(pipe, pipeline_call(pipe, 0, 5, sampler, None, None, None)) == calls
+
+
 def test_refused_before_any_work(tmp_path, digits_unet):
     theirs = _folder(tmp_path, digits_unet,
                      diffusers.DPMSolverMultistepScheduler(use_exponential_sigmas=True))
