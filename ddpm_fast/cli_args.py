@@ -17,30 +17,27 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"ddpm-fast: error: {message}\n")
 
 
-def positive(name: str):
-    """An argparse type: an integer ≥ 1, or a one-line error naming the flag."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}")
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
-        return value
-    return parse
+def _int_at_least(low: int, not_int: str, too_small: str):
+    """An argparse type maker: an integer ≥ low, or a one-line error naming the flag (the
+    messages are formats of name and the text or value)."""
+    def make(name: str):
+        def parse(text):
+            try:
+                value = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(not_int.format(name=name, got=repr(text)))
+            if value < low:
+                raise argparse.ArgumentTypeError(too_small.format(name=name, got=value))
+            return value
+        return parse
+    return make
 
 
-def non_negative(name: str):
-    """An argparse type: an integer ≥ 0 (--seed)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}")
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be non-negative, got {value}")
-        return value
-    return parse
+# an integer ≥ 1 (counts, sizes); an integer ≥ 0 (--seed)
+positive = _int_at_least(1, "{name} must be a positive integer, got {got}",
+                         "{name} must be a positive integer, got {got}")
+non_negative = _int_at_least(0, "{name} must be an integer, got {got}",
+                             "{name} must be non-negative, got {got}")
 
 
 def batch_size_arg(text):

@@ -39,6 +39,8 @@ from .ops.philox import key_tensor, philox_normal
 from .ops.solver_step import solver_step_
 from .sampling import WATCH_EVERY, check_finite
 from .schedule import COEF_COLS, LEARNED_VARIANCES
+from .solvers import table as col
+from .solvers.table import limit_prediction
 from .unet import TimeProjections, UNet2DModel
 
 
@@ -356,9 +358,6 @@ class FastRunner:
         (ops/solver_step.py), or torch ops where dynamic thresholding (a per-image quantile)
         takes part. The row, the Philox word and the noise stay on the device either way, so a
         CUDA graph captures it."""
-        from .solvers import table as col
-        from .solvers.table import limit_prediction
-
         x, buffers = state["x"], state["buffers"]
         _, corrector, stochastic, threshold, keep = state["rule"]
         row = state["coef"].index_select(0, state["step"]).reshape(-1)

@@ -58,6 +58,27 @@ def tiny_diffusers_unet():
     return diffusers.UNet2DModel(**diffusers_kwargs(PRESETS["tiny"])).eval()
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One torch thread for a module of tiny-tensor tests: a second only contends with other
+    processes on a 2-core machine (under xdist each worker has one already)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def redraw_step_noise(g, before, shape, stochastic: bool):
+    """Teacher forcing of a diffusers step that took generator g: the noise z it drew, drawn
+    again from g's state `before` the step (None for a plan that draws none), with g left where
+    diffusers' step left it (asserted)."""
+    after = g.get_state()
+    g.set_state(before)
+    z = torch.randn(shape, generator=g) if stochastic else None
+    assert torch.equal(g.get_state(), after), "diffusers' step drew other noise"
+    return z
+
+
 def pytest_addoption(parser):
     parser.addoption("--aot", action="store_true",
                      help="also run the ahead-of-time GPU compile checks (tests marked aot: "

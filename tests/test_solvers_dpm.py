@@ -21,6 +21,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DPMSolverMultistepScheduler  # noqa: E402
 
+from conftest import redraw_step_noise  # noqa: E402
 from ddpm_fast.solvers import dpmsolver as dpm  # noqa: E402
 from ddpm_fast.solvers import dpm_plan, dpm_settings, reference_sample  # noqa: E402
 from ddpm_fast.solvers import table as tab  # noqa: E402
@@ -34,12 +35,8 @@ SHAPE = (2, 3, 8, 8)                # two images: thresholding's quantile is per
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: a second thread only contends with other processes on a 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(single_torch_thread):
     yield
-    torch.set_num_threads(n)
     # the worst case of each family, for the record (shown with pytest -s)
     for family, (err, step) in sorted(RESULTS.items()):
         print(f"{family:42s} run max |Δ| {err:.2g}   worst step {step:.2g}")
@@ -108,10 +105,7 @@ def diffusers_loop(config, n, model, shape=SHAPE, seed=0, plan=None):
         before = g.get_state()
         x_next = scheduler.step(out, t, x, generator=g).prev_sample
         if plan is not None:
-            after = g.get_state()
-            g.set_state(before)
-            z = torch.randn(shape, generator=g) if plan.stochastic else None
-            assert torch.equal(g.get_state(), after)
+            z = redraw_step_noise(g, before, shape, plan.stochastic)
             row = plan.table[k]
             m1, m2 = state[1], state[2]
             ours = solver_step(plan, row, x, out, state, z)

@@ -29,6 +29,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import (DEISMultistepScheduler, EulerAncestralDiscreteScheduler,  # noqa: E402
                        EulerDiscreteScheduler, HeunDiscreteScheduler)
 
+from conftest import redraw_step_noise  # noqa: E402
 from ddpm_fast.solvers import deis  # noqa: E402
 from ddpm_fast.solvers import euler as eu  # noqa: E402
 from ddpm_fast.solvers import heun  # noqa: E402
@@ -48,12 +49,8 @@ RESULTS = {}                        # label → worst |Δ| of a run, step errors
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: a second thread only contends with other processes on a 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(single_torch_thread):
     yield
-    torch.set_num_threads(n)
     for family, (err, step, exact, own) in sorted(RESULTS.items()):   # shown with pytest -s
         print(f"{family:40s} run max |Δ| {err:.2g}   worst step {step:.2g}" +
               (f" (float64 formula {exact:.2g}, diffusers' own {own:.2g})" if exact else ""))
@@ -167,10 +164,7 @@ def diffusers_loop(family, config, n, model, shape=SHAPE, seed=0, plan=None):
         if plan is not None:
             row = plan.table[k]
             assert (row[tab.C_IN] * x - x_in).abs().max() <= 1e-6 * x_in.abs().max()
-            after = g.get_state()
-            g.set_state(before)
-            z = torch.randn(shape, generator=g) if plan.stochastic else None
-            assert torch.equal(g.get_state(), after), "diffusers' step drew other noise"
+            z = redraw_step_noise(g, before, shape, plan.stochastic)
             m1, m2 = state[1], state[2]
             ours = solver_step(plan, row, x, out, state, z)
             # m's own terms count (m = x − σ·out at σ ≫ 1 cancels: x̂0 of a VE sample), and x

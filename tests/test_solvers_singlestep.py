@@ -15,25 +15,19 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DPMSolverSinglestepScheduler  # noqa: E402
 
+from conftest import redraw_step_noise  # noqa: E402
 from ddpm_fast.solvers import reference_sample, singlestep_plan  # noqa: E402
 from ddpm_fast.solvers import singlestep as ss  # noqa: E402
 from ddpm_fast.solvers import table as tab  # noqa: E402
 from ddpm_fast.solvers.table import initial_state, solver_step  # noqa: E402
 from test_solvers_dpm import Denoiser  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("single_torch_thread")]
 
 ATOL = 1e-5
 STEP_RTOL = 1e-5
 SHAPE = (2, 3, 8, 8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _scheduler(config):
@@ -55,10 +49,7 @@ def diffusers_loop(config, n, model, plan=None, seed=0):
         before = g.get_state()
         x_next = scheduler.step(out, t, x, generator=g).prev_sample
         if plan is not None:
-            after = g.get_state()
-            g.set_state(before)
-            z = torch.randn(SHAPE, generator=g) if plan.stochastic else None
-            assert torch.equal(g.get_state(), after)
+            z = redraw_step_noise(g, before, SHAPE, plan.stochastic)
             row = plan.table[k]
             start = x if row[tab.KX] == 1 else state[0]      # the group's start sample
             assert torch.equal(start, scheduler.sample)

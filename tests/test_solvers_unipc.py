@@ -36,12 +36,8 @@ RESULTS = {}                        # family → (worst |Δ| of a run, worst ste
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: a second thread only contends with other processes on a 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(single_torch_thread):
     yield
-    torch.set_num_threads(n)
     # the worst case of each family, for the record (shown with pytest -s)
     for family, (err, step) in sorted(RESULTS.items()):
         print(f"{family:42s} run max |Δ| {err:.2g}   worst step {step:.2g}")

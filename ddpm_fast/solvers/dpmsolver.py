@@ -455,10 +455,7 @@ def dpm_plan(settings: dict, num_inference_steps: int) -> Plan:
         raise ValueError(f"num_inference_steps must be a positive integer, got "
                          f"{num_inference_steps!r}")
     timesteps, sigmas32 = noise_levels(cfg, num_inference_steps)
-    levels = [float(s) for s in sigmas32]
-    if not all(math.isfinite(s) and s > 0 for s in levels[:-1]):
-        raise ValueError(f"noise levels {levels} are not all positive and finite: "
-                         "diffusers' steps give NaN")
+    levels = checked_levels(sigmas32)
     n = len(timesteps)
     orders = step_orders(cfg, n)
     rows = new_rows(n)
@@ -480,6 +477,23 @@ def dpm_plan(settings: dict, num_inference_steps: int) -> Plan:
                              f"{num_inference_steps} has non-finite coefficients: repeated "
                              f"noise levels ({levels[max(k - 2, 0):k + 2]}) make diffusers' "
                              f"multistep update divide by zero (NaN){why}")
+    return finish_plan(cfg, rows, timesteps, levels, orders, "DPMSolverMultistepScheduler")
+
+
+def checked_levels(sigmas32) -> list[float]:
+    """The run's noise levels as floats; a ValueError where one a step starts from is not
+    positive and finite (diffusers' steps give NaN there)."""
+    levels = [float(s) for s in sigmas32]
+    if not all(math.isfinite(s) and s > 0 for s in levels[:-1]):
+        raise ValueError(f"noise levels {levels} are not all positive and finite: "
+                         "diffusers' steps give NaN")
+    return levels
+
+
+def finish_plan(cfg: dict, rows: torch.Tensor, timesteps, levels, orders, scheduler: str,
+                settings: dict | None = None) -> Plan:
+    """The Plan of a DPM-Solver class's rows: thresholding (THRESH on every row), a learned
+    variance's kept channels, SDE noise; `settings` as the run leaves them (default: cfg)."""
     if cfg["thresholding"]:
         rows[:, THRESH] = 1.0
     threshold = ((float(cfg["dynamic_thresholding_ratio"]), float(cfg["sample_max_value"]))
@@ -487,5 +501,5 @@ def dpm_plan(settings: dict, num_inference_steps: int) -> Plan:
     keep = LEARNED_KEEP_CHANNELS if cfg["variance_type"] in LEARNED_VARIANCES else None
     return make_plan(rows, timesteps, cfg["num_train_timesteps"], init_noise_sigma=1.0,
                      stochastic=cfg["algorithm_type"] in STOCHASTIC, threshold=threshold,
-                     keep_channels=keep, sigmas=levels, orders=orders,
-                     scheduler="DPMSolverMultistepScheduler", settings=cfg)
+                     keep_channels=keep, sigmas=levels, orders=orders, scheduler=scheduler,
+                     settings=cfg if settings is None else settings)

@@ -39,10 +39,9 @@ import math
 import numpy as np
 import torch
 
-from .dpmsolver import (DPM_SCHEDULER_DEFAULTS, LEARNED_KEEP_CHANNELS,
-                        LEARNED_VARIANCES, STOCHASTIC, _alpha_sigma, check_settings,
-                        convert_coefficients, noise_levels, step_weights)
-from .table import A, B0, B1, B2, KL, KX, ORDER, P, Q, S, T, THRESH, Plan, make_plan, new_rows
+from .dpmsolver import (DPM_SCHEDULER_DEFAULTS, _alpha_sigma, check_settings, checked_levels,
+                        convert_coefficients, finish_plan, noise_levels, step_weights)
+from .table import A, B0, B1, B2, KL, KX, ORDER, P, Q, S, T, Plan, new_rows
 
 SCHEDULER = "DPMSolverSinglestepScheduler"
 ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
@@ -125,10 +124,7 @@ def singlestep_plan(settings: dict, num_inference_steps: int) -> Plan:
     # the multistep arguments this class lacks, at the values its set_timesteps amounts to
     full = {**DPM_SCHEDULER_DEFAULTS, **cfg}
     timesteps, sigmas32 = noise_levels(full, n, round_cosine=True)
-    levels = [float(s) for s in sigmas32]
-    if not all(math.isfinite(s) and s > 0 for s in levels[:-1]):
-        raise ValueError(f"noise levels {levels} are not all positive and finite: "
-                         "diffusers' steps give NaN")
+    levels = checked_levels(sigmas32)
     orders = step_orders(cfg, n)
     rows = new_rows(n)
     for k, order in enumerate(orders):
@@ -145,13 +141,5 @@ def singlestep_plan(settings: dict, num_inference_steps: int) -> Plan:
                              f"non-finite coefficients: repeated noise levels "
                              f"({levels[max(k - 2, 0):k + 2]}) make diffusers' singlestep "
                              "update divide by zero (NaN)")
-    if cfg["thresholding"]:
-        rows[:, THRESH] = 1.0
-    threshold = ((float(cfg["dynamic_thresholding_ratio"]), float(cfg["sample_max_value"]))
-                 if cfg["thresholding"] else None)
-    keep = LEARNED_KEEP_CHANNELS if cfg["variance_type"] in LEARNED_VARIANCES else None
-    settings_run = {**cfg, "lower_order_final": lower_order_final(cfg, n)}
-    return make_plan(rows, timesteps, cfg["num_train_timesteps"], init_noise_sigma=1.0,
-                     stochastic=cfg["algorithm_type"] in STOCHASTIC, threshold=threshold,
-                     keep_channels=keep, sigmas=levels, orders=orders, scheduler=SCHEDULER,
-                     settings=settings_run)
+    return finish_plan(cfg, rows, timesteps, levels, orders, SCHEDULER,
+                       {**cfg, "lower_order_final": lower_order_final(cfg, n)})
