@@ -32,7 +32,6 @@ import torch
 
 from .schedule import DDPM_SCHEDULER_DEFAULTS, Schedule, check_scheduler_config
 from .solvers import BY_SCHEDULER
-from .solvers.singlestep import lower_order_final
 
 # DDIMScheduler's arguments (diffusers 0.42) with their defaults.
 DDIM_SCHEDULER_DEFAULTS = {
@@ -243,7 +242,14 @@ class _SolverScheduler(_Scheduler):
         return cls._family().settings(dict(settings))
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """The run's timesteps and initial noise scale; settings a run changes for good in
+        diffusers (DPMSolverSinglestepScheduler's lower_order_final: Plan.settings) change in
+        this config too."""
         plan = self._family().plan(dict(self.config), int(num_inference_steps))
+        changed = {k: v for k, v in plan.settings.items()
+                   if k in self.config and self.config[k] != v}
+        if changed:
+            self.config = FrozenConfig({**self.config, **changed})
         self.num_inference_steps = int(num_inference_steps)
         self.init_noise_sigma = plan.init_noise_sigma
         self.timesteps = torch.tensor(plan.timesteps, device=device)
@@ -262,13 +268,6 @@ class DPMSolverSinglestepScheduler(_SolverScheduler):
 
     FAMILY = "DPMSolverSinglestepScheduler"
     DEFAULTS = BY_SCHEDULER[FAMILY].defaults
-
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """As diffusers': lower_order_final is switched on in the config, for good, when the
-        steps are not a multiple of the order or the last noise level is zero."""
-        super().set_timesteps(num_inference_steps, device)
-        if lower_order_final(self.config, int(num_inference_steps)):
-            self.config = FrozenConfig({**self.config, "lower_order_final": True})
 
 
 class UniPCMultistepScheduler(_SolverScheduler):
